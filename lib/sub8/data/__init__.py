@@ -1,0 +1,1 @@
+"""Speech data: the synthetic corpus, LibriSpeech import, manifests, features, tokenizers and batching."""
