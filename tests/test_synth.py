@@ -170,12 +170,23 @@ def test_noise_is_mixed_at_the_recipe_snr():
         synth._perturb(speech, 16000, make_utt(0, "espeak", "en-us+m1", speed=1.0, noise=kind, snr_db=snr), 16000)
         for kind, snr in [("none", None), ("white", 10.0)]
     )
-    assert np.max(np.abs(noisy)) == pytest.approx(10 ** (-3.0 / 20))  # peak_dbfs -3
+    # peak_dbfs -3, give or take the noise floor (white noise at -70 dBFS RMS: well under 6 sigma)
+    assert np.max(np.abs(noisy)) == pytest.approx(10 ** (-3.0 / 20), abs=6 * 10 ** (synth.NOISE_FLOOR_DBFS / 20))
     scale = np.dot(noisy, clean) / np.dot(clean, clean)  # noisy = scale * clean + noise
     noise = noisy - scale * clean
     speech_part = slice(round(0.1 * 16000), round(0.1 * 16000) + len(speech))  # pad_start 0.1 s
     snr = 10 * np.log10(np.mean((scale * clean[speech_part]) ** 2) / np.mean(noise**2))
     assert snr == pytest.approx(10.0, abs=0.5)
+
+
+def test_no_digital_silence_only_the_noise_floor():
+    # Exact zeros become log(eps) in every mel bin and wreck global CMVN; the padding carries the floor instead.
+    speech = np.sin(2 * np.pi * 220 * np.arange(8000) / 16000)
+    signal = synth._perturb(speech, 16000, make_utt(0, "espeak", "en-us+m1", speed=1.0, noise="none"), 16000)
+    padding = signal[: round(0.1 * 16000)]  # pad_start 0.1 s: nothing but the floor
+    rms_dbfs = 20 * np.log10(np.sqrt(np.mean(padding**2)))
+    assert np.count_nonzero(signal == 0) == 0
+    assert rms_dbfs == pytest.approx(synth.NOISE_FLOOR_DBFS, abs=0.5)
 
 
 def test_colored_noise_tilts_toward_low_frequencies():

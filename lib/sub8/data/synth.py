@@ -79,6 +79,11 @@ PAD_RANGE_S = (0.05, 0.5)  # silence (then noise) before and after the speech
 NOISE_KINDS = ("none", "white", "pink", "brown")
 SNR_RANGE_DB = (5.0, 30.0)
 PEAK_RANGE_DBFS = (-20.0, -1.0)  # peak level of the final mix
+# Every utterance also gets white noise at this RMS level, like a microphone's self-noise. Without it the engines'
+# digital silence (exact zeros) becomes log(eps) = -15.9 in every mel bin: a quarter of the frames of a noise-free
+# utterance sat at that floor, global CMVN's std came out at 8-10 instead of ~3, and the speech frames' spectral
+# detail was squashed into a narrow band (a small RNN-T then stayed on its plateau for 600 steps).
+NOISE_FLOOR_DBFS = -70.0
 
 ESPEAK_DEFAULT_WPM = 175
 ESPEAK_DEFAULT_PITCH = 50  # espeak-ng's -p scale is 0..99
@@ -400,7 +405,10 @@ def _perturb(speech: np.ndarray, native_rate: int, utt: dict[str, Any], sample_r
     peak = np.max(np.abs(signal))
     if peak == 0:
         raise _engine_error(utt, "rendered only silence")
-    return signal * (10 ** (utt["peak_dbfs"] / 20) / peak)
+    signal = signal * (10 ** (utt["peak_dbfs"] / 20) / peak)
+    # Its own random stream of the utterance's seed, so the floor does not shift the added noise above.
+    floor = np.random.default_rng([utt["seed"], 1]).standard_normal(len(signal))
+    return signal + floor * 10 ** (NOISE_FLOOR_DBFS / 20)
 
 
 def _colored_noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
