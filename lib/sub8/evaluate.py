@@ -199,6 +199,21 @@ def compare(
     return paired_bootstrap(ua.word_errors, ub.word_errors, ua.ref_words, n_resamples, seed, alpha)
 
 
+def score_feature_set(fs: FeatureSet, hyps: Sequence[str], group_by: Sequence[str] = ("engine", "voice")) -> EvalResult:
+    """:func:`score` hypotheses of ``fs``'s utterances (in ``fs`` order), grouped by the metadata keys in
+    ``group_by`` that ``fs`` carries (a key no utterance has is skipped, e.g. "engine" on LibriSpeech; a key only
+    some have is an error)."""
+    groups = {}
+    for key in group_by:
+        have = [key in m for m in fs.meta]
+        if any(have) and not all(have):
+            missing = [u for u, h in zip(fs.utt_ids, have) if not h]
+            raise ValueError(f"evaluate: {len(missing)} utterance(s) lack metadata {key!r}, e.g. {missing[:5]}")
+        if all(have):
+            groups[key] = [str(m[key]) for m in fs.meta]
+    return score(fs.texts, hyps, fs.utt_ids, groups)
+
+
 def evaluate(
     model: nn.Module,
     fs: FeatureSet,
@@ -208,15 +223,6 @@ def evaluate(
     device: str | torch.device | None = None,
     group_by: Sequence[str] = ("engine", "voice"),
 ) -> EvalResult:
-    """:func:`decode` then :func:`score`, grouped by the metadata keys in ``group_by`` that ``fs`` carries
-    (a key no utterance has is skipped, e.g. "engine" on LibriSpeech; a key only some have is an error)."""
-    groups = {}
-    for key in group_by:
-        have = [key in m for m in fs.meta]
-        if any(have) and not all(have):
-            missing = [u for u, h in zip(fs.utt_ids, have) if not h]
-            raise ValueError(f"evaluate: {len(missing)} utterance(s) lack metadata {key!r}, e.g. {missing[:5]}")
-        if all(have):
-            groups[key] = [str(m[key]) for m in fs.meta]
+    """:func:`decode` then :func:`score_feature_set`."""
     hyps = decode(model, fs, cmvn, tokenizer, batch_frames, device)
-    return score(fs.texts, hyps, fs.utt_ids, groups)
+    return score_feature_set(fs, hyps, group_by)

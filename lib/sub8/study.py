@@ -13,6 +13,7 @@ again. A failure names the notebook and the cell and exits non-zero.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,9 @@ def run_stage(notebook: Path, profile: str, force: bool) -> Path:
 
     out = profiles.get(profile).results_dir / "notebooks" / notebook.name
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Progress bars redraw many times a second; in an executed notebook every redraw stays as a line. The kernel
+    # inherits this environment, and tqdm reads its defaults from TQDM_* variables.
+    os.environ.setdefault("TQDM_MININTERVAL", "60")
     papermill.execute_notebook(
         str(notebook),
         str(out),
