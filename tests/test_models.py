@@ -277,3 +277,4 @@ def test_loss_goes_down_on_a_fixed_batch(encoder):
     model = model_for(config)
     losses = train_briefly(model, random_batch(config, [40, 36, 28, 20], [4, 3, 3, 2]), steps=40)
     assert losses[-1] < 0.3 * losses[0]
+

@@ -91,11 +91,17 @@ SPLITS = ("train", "dev", "test")
 BASELINES = ("rnnt_small", "rnnt_large", "conformer_small", "conformer_large")
 
 
-def _baselines(train: dict, model_overrides: dict[str, dict] | None = None) -> dict[str, ModelRecipe]:
-    """The four baselines (each its preset) with a shared schedule ``train``; ``model_overrides[name]`` changes
-    one model's architecture."""
-    overrides = model_overrides or {}
-    return {name: ModelRecipe(name, dict(train), dict(overrides.get(name, {}))) for name in BASELINES}
+def _baselines(
+    train: dict, steps: dict[str, int] | None = None, model_overrides: dict[str, dict] | None = None
+) -> dict[str, ModelRecipe]:
+    """The four baselines (each its preset) with a shared schedule ``train``; ``steps[name]`` sets one model's
+    ``max_steps``, ``model_overrides[name]`` changes its architecture."""
+    steps, overrides = steps or {}, model_overrides or {}
+    return {
+        name: ModelRecipe(name, {**train, **({"max_steps": steps[name]} if name in steps else {})},
+                          dict(overrides.get(name, {})))
+        for name in BASELINES
+    }
 
 
 # Smoke-profile models: a few thousand parameters, "large" still larger than "small".
@@ -113,7 +119,7 @@ PROFILES: dict[str, Profile] = {
         # Tiny models and a few steps: the smoke run proves the code paths, not the numbers.
         baselines=_baselines(
             dict(max_steps=12, lr=3e-3, warmup_steps=4, log_every=4, ckpt_every=6, num_threads=1),
-            {"rnnt_small": _TINY, "conformer_small": _TINY, "rnnt_large": _TINY_LARGE, "conformer_large": _TINY_LARGE},
+            model_overrides={"rnnt_small": _TINY, "conformer_small": _TINY, "rnnt_large": _TINY_LARGE, "conformer_large": _TINY_LARGE},
         ),
     ),
     # The committed results: ~8,000 training utterances (~4 h of audio) and a 3,000-utterance test split with
@@ -121,7 +127,12 @@ PROFILES: dict[str, Profile] = {
     "default": Profile(
         name="default",
         corpus=CorpusConfig(n_train=8000, n_dev=500, n_test=3000, seed=0),
-        baselines=_baselines(dict(max_steps=800, lr=3e-3, warmup_steps=100, eval_every=200, ckpt_every=100)),
+        batch_frames=6000,
+        # Steps per model from the measured step times (benchmarks/train_step.py) for ~30 min in all on 2 cores.
+        baselines=_baselines(
+            dict(lr=2e-3, warmup_steps=100, eval_every=250, ckpt_every=250),
+            steps={"rnnt_small": 2000, "rnnt_large": 1500, "conformer_small": 1000, "conformer_large": 750},
+        ),
     ),
     # A real LibriSpeech copy (set LIBRISPEECH_ROOT to the directory holding train-clean-100/, dev-clean/, ...).
     "librispeech": Profile(

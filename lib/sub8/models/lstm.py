@@ -12,6 +12,13 @@ it, and on this 2-core CPU packing was slower even with a third of the padded fr
 utterances of 1–3 s, forward + backward, best of 7: padded 0.25 s, packed 0.39 s with 2 threads; 0.36 s and 0.46 s
 with 1): the packed path gives up the fused MKL-DNN kernel.
 
+The LSTM output goes through a LayerNorm. Without it this encoder hardly learned: an LSTM's hidden state is small
+at initialisation and the joiner and CTC head see almost nothing of the audio, so the predictor's prior wins. On one
+fixed batch of 11 default-profile utterances (rnnt_small, AdamW 1e-3, 150 steps) the auxiliary CTC loss went from
+2.5 to 2.0 nats/token without the norm and to 0.08 with it; on the whole default corpus a 500-step run without it
+ended at 100% dev WER and a 1,500-step run was still on the transducer plateau (3.4 nats/token) at its end. The
+Conformer ends in a LayerNorm too.
+
 Look-ahead: an output frame covers input frames ``[stack·k, stack·k + stack − 1]``, so the first of them waits for
 ``stack − 1`` later frames (30 ms at 4 × 10 ms); nothing else looks ahead.
 """
@@ -52,6 +59,7 @@ class LSTMTranscriber(nn.Module):
         self.lstm = nn.LSTM(
             input_dim * stack, hidden_dim, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
         )
+        self.norm = nn.LayerNorm(hidden_dim)
         self.dropout = nn.Dropout(dropout)
 
     @property
@@ -85,4 +93,4 @@ class LSTMTranscriber(nn.Module):
         x = feats.masked_fill(~valid[..., None], 0.0)
         x = F.pad(x, (0, 0, 0, num_out * self.stack - num_frames)).reshape(batch, num_out, self.stack * dim)
         enc, _ = self.lstm(x)
-        return self.dropout(enc), (feat_lens + self.stack - 1) // self.stack
+        return self.dropout(self.norm(enc)), (feat_lens + self.stack - 1) // self.stack
