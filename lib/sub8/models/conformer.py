@@ -191,7 +191,6 @@ class ConformerTranscriber(nn.Module):
         left_chunks: previous chunks a frame may attend to; None for all of them.
         subsampling_channels: channels of the two subsampling convolutions.
         dropout: dropout probability.
-        frame_shift_ms: duration of one input frame, only used to express the look-ahead in ms.
     """
 
     def __init__(
@@ -206,7 +205,6 @@ class ConformerTranscriber(nn.Module):
         left_chunks: int | None = None,
         subsampling_channels: int = 64,
         dropout: float = 0.0,
-        frame_shift_ms: float = 10.0,
     ) -> None:
         super().__init__()
         if chunk_frames < 1:
@@ -215,7 +213,6 @@ class ConformerTranscriber(nn.Module):
         self.output_dim = dim
         self.chunk_frames = chunk_frames
         self.left_chunks = left_chunks
-        self.frame_shift_ms = frame_shift_ms
         self.subsampling = ConvSubsampling(input_dim, subsampling_channels, dim)
         self.dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
@@ -231,10 +228,6 @@ class ConformerTranscriber(nn.Module):
     def lookahead_frames(self) -> int:
         """How many input frames after frame t an encoder output covering frame t may depend on."""
         return SUBSAMPLING * self.chunk_frames - 1
-
-    @property
-    def lookahead_ms(self) -> float:
-        return self.lookahead_frames * self.frame_shift_ms
 
     def forward(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """

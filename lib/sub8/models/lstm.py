@@ -39,7 +39,6 @@ class LSTMTranscriber(nn.Module):
         num_layers: LSTM layers.
         hidden_dim: LSTM hidden size; also the encoder output dimension.
         dropout: dropout between LSTM layers and on the output.
-        frame_shift_ms: duration of one input frame, only used to express the look-ahead in ms.
     """
 
     def __init__(
@@ -49,13 +48,11 @@ class LSTMTranscriber(nn.Module):
         num_layers: int,
         hidden_dim: int,
         dropout: float = 0.0,
-        frame_shift_ms: float = 10.0,
     ) -> None:
         super().__init__()
         self.input_dim = input_dim
         self.stack = stack
         self.output_dim = hidden_dim
-        self.frame_shift_ms = frame_shift_ms
         self.lstm = nn.LSTM(
             input_dim * stack, hidden_dim, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
         )
@@ -71,10 +68,6 @@ class LSTMTranscriber(nn.Module):
     def lookahead_frames(self) -> int:
         """How many input frames after frame t an encoder output covering frame t may depend on."""
         return self.stack - 1
-
-    @property
-    def lookahead_ms(self) -> float:
-        return self.lookahead_frames * self.frame_shift_ms
 
     def forward(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """

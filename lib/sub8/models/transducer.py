@@ -202,9 +202,7 @@ class Transducer(nn.Module):
         self.config = config
         c = config
         if c.encoder == "lstm":
-            self.transcriber = LSTMTranscriber(
-                c.input_dim, c.lstm_stack, c.lstm_layers, c.lstm_hidden, c.dropout, c.frame_shift_ms
-            )
+            self.transcriber = LSTMTranscriber(c.input_dim, c.lstm_stack, c.lstm_layers, c.lstm_hidden, c.dropout)
         else:
             self.transcriber = ConformerTranscriber(
                 c.input_dim,
@@ -217,7 +215,6 @@ class Transducer(nn.Module):
                 c.conformer_left_chunks,
                 c.conformer_subsampling_channels,
                 c.dropout,
-                c.frame_shift_ms,
             )
         enc_dim = self.transcriber.output_dim
         self.predictor = Predictor(c.vocab_size, c.pred_embed_dim, c.pred_hidden, c.pred_layers, c.dropout)
@@ -226,11 +223,12 @@ class Transducer(nn.Module):
 
     @property
     def lookahead_frames(self) -> int:
+        """Input frames after frame t that an encoder output covering frame t may depend on."""
         return self.transcriber.lookahead_frames
 
     @property
     def lookahead_ms(self) -> float:
-        return self.transcriber.lookahead_ms
+        return self.transcriber.lookahead_frames * self.config.frame_shift_ms
 
     def encode(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """feats (B, T, F), feat_lens (B,) -> enc (B, T', D) with T' = max(out_lens), out_lens (B,)."""
