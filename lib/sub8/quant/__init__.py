@@ -1,0 +1,65 @@
+"""Sub-8-bit weight quantization (design.md §5).
+
+- ``base``: the Quantizer interface (``levels``, ``quantize`` → codes + levels, ``quantize_int8`` → codes + int8
+  LUT + scale), nearest-level search, the int8 grid; ``uniform``, ``lloyd_max``: quantizers; ``mracos``: the
+  S8BQAT regularizer.
+- ``plan``: which weights, at how many bits.
+- ``apply``: training hooks (``UniformQAT``, ``S8BQAT``), hard quantization for evaluation and PTQ
+  (``hard_quantize_``), export and packed size.
+
+Post-training quantization at b bits, per tensor::
+
+    quantizers = plan_quantizers(model, QuantPlan.uniform(b), lambda bits: UniformQuantizer(bits, per_channel=False))
+    hard_quantize_(model, quantizers)
+    size = quantized_size_bytes(export_quantized(model, quantizers), model)
+"""
+
+from sub8.quant.apply import (
+    S8BQAT,
+    FakeQuantize,
+    QuantizedTensor,
+    UniformQAT,
+    export_quantized,
+    hard_quantize_,
+    plan_quantizers,
+    quantized_size_bytes,
+)
+from sub8.quant.base import (
+    FixedLevels,
+    Quantizer,
+    check_bits,
+    dequantize,
+    int8_levels,
+    nearest_level,
+    snap_to_int8_grid,
+)
+from sub8.quant.lloyd_max import LloydMaxQuantizer, lloyd_max_levels
+from sub8.quant.mracos import linear_ramp, mracos, mracos_sum
+from sub8.quant.plan import QuantPlan, quantizable_parameters
+from sub8.quant.uniform import UniformQuantizer
+
+__all__ = [
+    "FakeQuantize",
+    "FixedLevels",
+    "LloydMaxQuantizer",
+    "QuantPlan",
+    "QuantizedTensor",
+    "Quantizer",
+    "S8BQAT",
+    "UniformQAT",
+    "UniformQuantizer",
+    "check_bits",
+    "dequantize",
+    "export_quantized",
+    "hard_quantize_",
+    "int8_levels",
+    "linear_ramp",
+    "lloyd_max_levels",
+    "mracos",
+    "mracos_sum",
+    "nearest_level",
+    "plan_quantizers",
+    "quantizable_parameters",
+    "quantized_size_bytes",
+    "snap_to_int8_grid",
+]

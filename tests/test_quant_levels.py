@@ -1,0 +1,194 @@
+"""Quantizers: bit widths, nearest-level search, the int8 grid, uniform, Lloyd-Max (against exact DP), MRACos."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sub8.quant import (
+    FixedLevels,
+    LloydMaxQuantizer,
+    UniformQuantizer,
+    check_bits,
+    dequantize,
+    int8_levels,
+    linear_ramp,
+    lloyd_max_levels,
+    mracos,
+    mracos_sum,
+    nearest_level,
+    snap_to_int8_grid,
+)
+
+
+@pytest.mark.parametrize("bits", [0, 9, 2.5, "4", True, -1])
+def test_check_bits_rejects_bad_widths(bits):
+    with pytest.raises(ValueError, match=repr(bits).replace(".", r"\.")):
+        check_bits(bits)
+
+
+def test_check_bits_accepts_1_to_8():
+    assert [check_bits(b) for b in range(1, 9)] == list(range(1, 9))
+
+
+def test_nearest_level_matches_brute_force_per_tensor_and_per_channel():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 7, 3, generator=gen)
+    levels = torch.sort(torch.randn(8, generator=gen)).values
+    brute = (w[..., None] - levels).abs().argmin(-1)
+    assert torch.equal(nearest_level(w, levels), brute)
+    row_levels = torch.sort(torch.randn(5, 8, generator=gen), dim=1).values
+    brute_rows = (w[..., None] - row_levels[:, None, None, :]).abs().argmin(-1)
+    codes = nearest_level(w, row_levels)
+    assert torch.equal(codes, brute_rows)
+    expected = torch.gather(row_levels, 1, brute_rows.reshape(5, -1)).reshape(w.shape)
+    assert torch.equal(dequantize(codes, row_levels), expected)
+
+
+def test_snap_to_int8_grid_keeps_levels_within_half_a_step():
+    levels = torch.tensor([-0.31, -0.02, 0.0, 0.011, 0.5])
+    lut, scale = snap_to_int8_grid(levels)
+    assert lut.dtype == torch.int8 and int(lut.abs().max()) == 127
+    assert torch.allclose(scale, torch.tensor(0.5 / 127))
+    assert (int8_levels(lut, scale) - levels).abs().max() <= scale / 2 + 1e-7
+    rows = torch.stack([levels, 2 * levels])
+    lut_rows, scales = snap_to_int8_grid(rows)
+    assert lut_rows.shape == (2, 5) and scales.shape == (2,) and torch.equal(lut_rows[0], lut_rows[1])
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_uniform_levels_scale_and_straight_through_gradient(per_channel):
+    w = torch.randn(4, 6, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    quantizer = UniformQuantizer(4, per_channel=per_channel)
+    scale = quantizer.scale(w)
+    absmax = w.detach().abs().amax(dim=1) if per_channel else w.detach().abs().amax()
+    assert torch.allclose(scale, absmax / 7)
+    out = quantizer.fake_quantize(w)
+    s = scale[:, None] if per_channel else scale
+    assert torch.allclose(out, torch.clamp(torch.round(w.detach() / s), -7, 7) * s)
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+    codes, lut, scale8 = quantizer.quantize_int8(w)
+    assert lut.dtype == torch.int8 and lut.numel() == 15 and codes.max() <= 14
+    assert torch.allclose(dequantize(codes, int8_levels(lut, scale8)), out.detach())
+
+
+def test_uniform_refuses_one_bit():
+    with pytest.raises(ValueError, match="at least 2 bits"):
+        UniformQuantizer(1)
+
+
+def optimal_distortion(x: np.ndarray, k: int) -> float:
+    """Least mean squared error of any k-level quantizer of the samples x: optimal 1-D clusters are contiguous in
+    sorted order, so D[m][j] = min_i D[m-1][i] + SSE(x[i:j]) over the sorted samples (exact dynamic programming)."""
+    x = np.sort(x.astype(np.float64))
+    n = len(x)
+    s1 = np.concatenate([[0.0], np.cumsum(x)])
+    s2 = np.concatenate([[0.0], np.cumsum(x * x)])
+    i, j = np.arange(n + 1)[:, None], np.arange(n + 1)[None, :]
+    count = np.maximum(j - i, 1)
+    sse = np.where(j > i, (s2[j] - s2[i]) - (s1[j] - s1[i]) ** 2 / count, np.inf)
+    best = sse[0]
+    for _ in range(k - 1):
+        best = np.min(best[:, None] + sse, axis=0)
+    return best[n] / n
+
+
+def sample(kind: str, n: int = 3000) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(3)
+    if kind == "gaussian":
+        return torch.randn(n, generator=gen)
+    if kind == "laplacian":
+        return _laplace(n, gen)
+    # trained-like: a sharp peak at zero with heavy, slightly asymmetric tails (a Student-t-like mixture)
+    narrow = 0.02 * torch.randn(n // 2, generator=gen)
+    wide = 0.1 * torch.randn(n - n // 2, generator=gen) / torch.rand(n - n // 2, generator=gen).clamp_min(0.2) + 0.01
+    return torch.cat([narrow, wide])
+
+
+def _laplace(n: int, gen: torch.Generator) -> torch.Tensor:
+    u = torch.rand(n, generator=gen) - 0.5
+    return -torch.sign(u) * torch.log1p(-2 * u.abs())
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "laplacian", "trained"])
+def test_lloyd_max_distortion_within_one_percent_of_optimal(kind):
+    w = sample(kind)
+    for k in (2, 4, 8, 16):
+        levels = lloyd_max_levels(w, k)
+        assert levels.shape == (k,) and torch.all(levels[1:] >= levels[:-1])
+        distortion = float(((w - dequantize(nearest_level(w, levels), levels)) ** 2).mean())
+        assert distortion <= 1.01 * optimal_distortion(w.numpy(), k), (kind, k)
+
+
+def test_lloyd_max_reseeds_empty_cells_and_handles_few_distinct_values():
+    # 97% of the weights are 0: the quantile initialisation puts most levels on 0, so cells empty out.
+    w = torch.cat([torch.zeros(970), torch.linspace(1.0, 3.0, 30)])
+    levels = lloyd_max_levels(w, 8)
+    assert torch.isfinite(levels).all() and levels.unique().numel() == 8
+    assert float(levels.max()) > 2.0  # the tail got levels of its own
+    two_values = torch.tensor([0.0, 1.0]).repeat(50)
+    levels = LloydMaxQuantizer(3).levels(two_values)
+    assert torch.isfinite(levels).all() and set(levels.unique().tolist()) == {0.0, 1.0}
+
+
+def test_fixed_levels_keeps_its_int8_grid():
+    lut = torch.tensor([-127, -3, 5, 90], dtype=torch.int8)
+    quantizer = FixedLevels(2, lut, torch.tensor(0.01))
+    w = torch.randn(10, 3)
+    codes, lut_out, scale = quantizer.quantize_int8(w)
+    assert torch.equal(lut_out, lut) and float(scale) == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="int8 LUT"):
+        FixedLevels(1, lut, torch.tensor(0.01))
+
+
+LEVELS = torch.tensor([-1.0, -0.25, 0.0, 0.5, 2.0])
+
+
+def test_mracos_zero_on_levels_one_at_midpoints():
+    assert torch.equal(mracos(LEVELS, LEVELS), torch.zeros(5))
+    midpoints = (LEVELS[1:] + LEVELS[:-1]) / 2
+    assert torch.allclose(mracos(midpoints, LEVELS), torch.ones(4))
+    grid = torch.linspace(-1.0, 2.0, 3001)
+    assert float(mracos(grid, LEVELS).max()) <= 1.0 + 1e-6
+
+
+def test_mracos_outside_is_a_continuous_linear_pull():
+    r = mracos(torch.tensor([-1.0 - 1e-6, -1.375, 2.0 + 1e-6, 2.75]), LEVELS)
+    assert r[0] < 1e-4 and r[2] < 1e-4  # continuous at the end levels
+    assert torch.allclose(r[[1, 3]], torch.ones(2))  # half an end cell outside: R = 1
+
+
+def test_mracos_gradient_points_to_the_nearest_level():
+    grid = torch.linspace(-2.0, 3.0, 5001, dtype=torch.float64)
+    nearest = LEVELS.double()[nearest_level(grid, LEVELS.double())]
+    away = grid - nearest
+    keep = away.abs() > 1e-9  # on a level and at midpoints the (sub)gradient is 0
+    midpoints = (LEVELS[1:] + LEVELS[:-1]).double() / 2
+    keep &= (grid[:, None] - midpoints).abs().min(1).values > 1e-9
+    w = grid.clone().requires_grad_()
+    mracos(w, LEVELS.double()).sum().backward()
+    # gradient descent moves w by -grad: towards the nearest level means grad has the sign of (w - nearest)
+    assert torch.equal(torch.sign(w.grad[keep]), torch.sign(away[keep]))
+
+
+def test_mracos_sum_on_the_int8_grid_matches_mracos_and_its_gradient():
+    lut = torch.tensor([-127, -40, -3, 0, 3, 3, 51, 100], dtype=torch.int8)  # a merged level included
+    scale = torch.tensor(0.01)
+    w = torch.linspace(-1.6, 1.4, 2001, dtype=torch.float32).requires_grad_()
+    expected = mracos(w, torch.unique(lut).float() * scale).sum()
+    expected.backward()
+    grad, w.grad = w.grad.clone(), None
+    got = mracos_sum(w, lut, scale)
+    got.backward()
+    assert torch.allclose(got, expected, rtol=1e-4)
+    assert torch.allclose(w.grad, grad, rtol=1e-3, atol=1e-2)
+
+
+def test_linear_ramp():
+    assert [linear_ramp(s, 2.0, 4) for s in (1, 2, 4, 9)] == [0.5, 1.0, 2.0, 2.0]
+    assert linear_ramp(1, 2.0, 0) == 2.0
+    assert math.isclose(linear_ramp(3, 1.0, 10), 0.3)
