@@ -22,6 +22,7 @@ from sub8.quant import (
     nearest_level,
     snap_to_int8_grid,
 )
+from sub8.quant.mu_law import mu_law_compress, mu_law_expand, mu_law_levels
 
 
 @pytest.mark.parametrize("bits", [0, 9, 2.5, "4", True, -1])
@@ -192,3 +193,14 @@ def test_linear_ramp():
     assert [linear_ramp(s, 2.0, 4) for s in (1, 2, 4, 9)] == [0.5, 1.0, 2.0, 2.0]
     assert linear_ramp(1, 2.0, 0) == 2.0
     assert math.isclose(linear_ramp(3, 1.0, 10), 0.3)
+
+
+def test_mu_law_expand_inverts_compress_and_levels_are_sorted_and_symmetric():
+    x = torch.linspace(-1, 1, 101)
+    assert torch.allclose(mu_law_compress(mu_law_expand(x, 255.0), 255.0), x, atol=1e-6)
+    for bits in range(1, 9):
+        levels = mu_law_levels(bits, 0.5, 255.0)
+        assert levels.numel() == 2**bits and bool((levels[1:] > levels[:-1]).all())
+        assert torch.allclose(levels, -levels.flip(0)) and levels[-1] == 0.5
+    with pytest.raises(ValueError, match="bit width"):
+        mu_law_levels(9, 1.0, 255.0)

@@ -81,6 +81,24 @@ def train_baseline(data: PreparedData, name: str, force: bool = False) -> TrainR
     return train_model(data, name, model, cfg, shortest_first_epochs=recipe.shortest_first_epochs, force=force)
 
 
+def finetune(
+    data: PreparedData, base: str, name: str, hooks: Hooks | None = None, force: bool = False
+) -> tuple[Transducer, TrainResult]:
+    """Fine-tune the trained model ``base`` with ``hooks`` (a QAT method; None: the fp32 control) on the profile's
+    fine-tune schedule, as ``runs/<profile>/models/<name>``: skipped when finished, resumed when interrupted.
+    Returns the fine-tuned model in eval mode (hard-quantized, when the hooks quantize) and the run's result; the
+    hooks' final state (e.g. S8BQAT's levels) is ``hooks_state(profile, name)``."""
+    model = load_model(data.profile, base)
+    cfg = TrainConfig(**data.profile.finetune)
+    result = train_model(data, name, model, cfg, hooks=hooks, force=force)
+    return model.eval(), result
+
+
+def hooks_state(profile: Profile, name: str) -> dict:
+    """The state the hooks of run ``name`` ended with (``Hooks.state_dict`` as saved in its ``final.pt``)."""
+    return load_checkpoint(model_dir(profile, name) / "final.pt")["hooks"]
+
+
 def load_model(profile: Profile, name: str) -> Transducer:
     """The trained model ``name`` from its ``final.pt`` (loaded with ``weights_only=True``), in eval mode."""
     ckpt = load_checkpoint(model_dir(profile, name) / "final.pt")

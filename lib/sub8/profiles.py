@@ -59,6 +59,9 @@ class Profile:
     librispeech_root: str | None = None  # only for the librispeech profile; default: $LIBRISPEECH_ROOT
     librispeech_splits: tuple[tuple[str, str], ...] = ()  # (our split, LibriSpeech subset)
     baselines: dict[str, ModelRecipe] = field(default_factory=dict)  # the fp32 baselines, by name
+    # The schedule of every fine-tune from a baseline (QAT of each method, and the fp32 control that gets the same
+    # steps): sub8.train.TrainConfig fields. The same for every method, so differences are the methods'.
+    finetune: dict = field(default_factory=dict)
 
     # Where things go. Committed: data_manifests/<name> (recipes, checksums) and results/<name>.
     # Generated and git-ignored: runs/<name> (audio, manifests, feature caches, checkpoints).
@@ -121,6 +124,7 @@ PROFILES: dict[str, Profile] = {
             dict(max_steps=12, lr=3e-3, warmup_steps=4, log_every=4, ckpt_every=6, num_threads=1),
             model_overrides={"rnnt_small": _TINY, "conformer_small": _TINY, "rnnt_large": _TINY_LARGE, "conformer_large": _TINY_LARGE},
         ),
+        finetune=dict(max_steps=4, lr=1e-3, warmup_steps=1, log_every=2, ckpt_every=4, num_threads=1),
     ),
     # The committed results: ~8,000 training utterances (~4 h of audio) and a 3,000-utterance test split with
     # voices never heard in training, so WER differences of a few tenths of a point are measurable.
@@ -133,6 +137,7 @@ PROFILES: dict[str, Profile] = {
             dict(lr=2e-3, warmup_steps=100, eval_every=250, ckpt_every=250),
             steps={"rnnt_small": 2000, "rnnt_large": 1500, "conformer_small": 1000, "conformer_large": 750},
         ),
+        finetune=dict(max_steps=300, lr=3e-4, warmup_steps=30, final_lr_ratio=0.1, ckpt_every=100),
     ),
     # A real LibriSpeech copy (set LIBRISPEECH_ROOT to the directory holding train-clean-100/, dev-clean/, ...).
     "librispeech": Profile(

@@ -1,7 +1,7 @@
 """Sub-8-bit weight quantization (design.md §5).
 
 - ``base``: the Quantizer interface (``levels``, ``quantize`` → codes + levels, ``quantize_int8`` → codes + int8
-  LUT + scale), nearest-level search, the int8 grid; ``uniform``, ``lloyd_max``: quantizers; ``mracos``: the
+  LUT + scale), nearest-level search, the int8 grid; ``uniform``, ``lloyd_max``: quantizers; ``mu_law``: GQ's level space; ``mracos``: the
   S8BQAT regularizer.
 - ``plan``: which weights, at how many bits.
 - ``apply``: training hooks (``UniformQAT``, ``S8BQAT``), hard quantization for evaluation and PTQ
@@ -34,6 +34,7 @@ from sub8.quant.base import (
     snap_to_int8_grid,
 )
 from sub8.quant.lloyd_max import LloydMaxQuantizer, lloyd_max_levels
+from sub8.quant.mu_law import mu_law_compress, mu_law_expand, mu_law_levels
 from sub8.quant.mracos import linear_ramp, mracos, mracos_sum
 from sub8.quant.plan import QuantPlan, quantizable_parameters
 from sub8.quant.uniform import UniformQuantizer
@@ -56,6 +57,9 @@ __all__ = [
     "linear_ramp",
     "lloyd_max_levels",
     "mracos",
+    "mu_law_compress",
+    "mu_law_expand",
+    "mu_law_levels",
     "mracos_sum",
     "nearest_level",
     "plan_quantizers",
