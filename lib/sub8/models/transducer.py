@@ -197,6 +197,10 @@ def transducer_loss(
 class Transducer(nn.Module):
     """Streaming transducer: transcriber (per ``config.encoder``), predictor, joiner, optional CTC head."""
 
+    # Modules that only training uses: greedy decoding never reads the CTC head, so it is neither quantized nor
+    # counted in a model's size (sub8.models.deployed_parameters).
+    training_only = ("ctc_head",)
+
     def __init__(self, config: TransducerConfig) -> None:
         super().__init__()
         self.config = config

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from sub8.models import deployed_parameters
 from sub8.quant.base import FixedLevels, Quantizer, dequantize, int8_levels
 from sub8.quant.lloyd_max import LloydMaxQuantizer
 from sub8.quant.mracos import linear_ramp, mracos_sum
@@ -83,10 +84,11 @@ def export_quantized(model: nn.Module, quantizers: dict[str, Quantizer]) -> dict
 
 
 def quantized_size_bytes(exported: dict[str, QuantizedTensor], model: nn.Module | None = None) -> int:
-    """Bytes of the quantized weights; with ``model``, plus 4 bytes for every parameter left in float32."""
+    """Bytes of the quantized weights; with ``model``, plus 4 bytes for every deployed parameter left in float32
+    (training-only modules such as the CTC head are not stored)."""
     size = sum(q.packed_bytes() for q in exported.values())
     if model is not None:
-        size += sum(4 * p.numel() for name, p in model.named_parameters() if name not in exported)
+        size += sum(4 * p.numel() for name, p in deployed_parameters(model) if name not in exported)
     return size
 
 

@@ -7,7 +7,8 @@ inside it. When several rules match a weight, the LAST one wins, so a plan reads
 
 Quantizable by default: the weights of nn.Linear, nn.Conv1d, nn.Conv2d and nn.Embedding, and the input and
 recurrent matrices of nn.LSTM (``weight_ih_l*``, ``weight_hh_l*``) — not biases, not norms: they are a small part of
-the bytes, and quantizing them costs accuracy for no memory.
+the bytes, and quantizing them costs accuracy for no memory. Nor the weights of a model's ``training_only`` modules
+(the transducer's auxiliary CTC head): the device never runs them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from sub8.models import deployed_parameters
 from sub8.quant.base import check_bits
 
 _WEIGHT_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
@@ -33,7 +35,7 @@ def quantizable_parameters(model: nn.Module) -> list[str]:
         elif isinstance(module, nn.LSTM):
             own = [n for n, _ in module.named_parameters(recurse=False)]
             names += [prefix + n for n in own if n.startswith(("weight_ih_l", "weight_hh_l"))]
-    order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    order = {name: i for i, (name, _) in enumerate(deployed_parameters(model))}
     return sorted((n for n in names if n in order), key=order.__getitem__)
 
 
