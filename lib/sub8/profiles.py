@@ -139,7 +139,7 @@ PROFILES: dict[str, Profile] = {
             per_model={name: dict(lr=1e-3, warmup_steps=300, max_steps=1500)
                        for name in ("conformer_small", "conformer_large")},
         ),
-        finetune=dict(max_steps=300, lr=3e-4, warmup_steps=30, final_lr_ratio=0.1, ckpt_every=100),
+        finetune=dict(max_steps=200, lr=3e-4, warmup_steps=20, final_lr_ratio=0.1, ckpt_every=100),
     ),
     # A real LibriSpeech copy (set LIBRISPEECH_ROOT to the directory holding train-clean-100/, dev-clean/, ...).
     "librispeech": Profile(
