@@ -300,7 +300,8 @@ def finetune_row(
     final = load_checkpoint(trained.final_checkpoint)
     exported = export_quantized(model, trained_quantizers(hooks, model, final["hooks"]))
     check_export(model, exported)
-    test = evaluate_model(data, name, model)
+    with (hooks or Hooks()).evaluating(model) as deployed:  # e.g. activations quantized too, as the device runs
+        test = evaluate_model(data, name, deployed)
     fp32 = fp32 if fp32 is not None else fp32_result(data, base)
     bits = FP32_BITS if hooks is None else plan_bits(model, plan)
     size = quantized_size_bytes(exported, model)

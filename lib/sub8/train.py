@@ -121,6 +121,12 @@ class Hooks:
         weights they see (e.g. the final hard quantization). Leave a plain model, so ``final.pt`` loads into a
         freshly built one."""
 
+    @contextmanager
+    def evaluating(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The model as the device would run it, for a dev evaluation (also after ``on_train_end``): by default the
+        model itself; a method that quantizes more than the weights (e.g. activations) re-applies that here."""
+        yield model
+
     def state_dict(self) -> dict[str, Any]:
         """The hook's own state (plain Python types and tensors only: checkpoints load with weights_only=True)."""
         return {}
@@ -269,7 +275,8 @@ def train(
             if dev_eval is None or not env.is_main:
                 return {}
             model.eval()
-            metrics = {f"dev_{name}": float(value) for name, value in dev_eval(model).items()}
+            with hooks.evaluating(model) as deployed:
+                metrics = {f"dev_{name}": float(value) for name, value in dev_eval(deployed).items()}
             model.train()
             return metrics
 

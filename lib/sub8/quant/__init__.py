@@ -4,6 +4,7 @@
   LUT + scale), nearest-level search, the int8 grid; ``uniform``, ``lloyd_max``: quantizers; ``mu_law``: GQ's level space; ``mracos``: the
   S8BQAT regularizer.
 - ``plan``: which weights, at how many bits.
+- ``native``: native integer QAT (weights and activations, integer matmuls in the forward) and its plans.
 - ``apply``: training hooks (``UniformQAT``, ``S8BQAT``), hard quantization for evaluation and PTQ
   (``hard_quantize_``), export and packed size.
 
@@ -36,6 +37,15 @@ from sub8.quant.base import (
 from sub8.quant.lloyd_max import LloydMaxQuantizer, lloyd_max_levels
 from sub8.quant.mu_law import mu_law_compress, mu_law_expand, mu_law_levels
 from sub8.quant.mracos import linear_ramp, mracos, mracos_sum
+from sub8.quant.native import (
+    NATIVE_PLANS,
+    NativePlan,
+    NativeQAT,
+    activation_ranges,
+    native_plan,
+    native_quantized,
+    native_size,
+)
 from sub8.quant.plan import QuantPlan, quantizable_parameters
 from sub8.quant.uniform import UniformQuantizer
 
@@ -43,12 +53,16 @@ __all__ = [
     "FakeQuantize",
     "FixedLevels",
     "LloydMaxQuantizer",
+    "NATIVE_PLANS",
+    "NativePlan",
+    "NativeQAT",
     "QuantPlan",
     "QuantizedTensor",
     "Quantizer",
     "S8BQAT",
     "UniformQAT",
     "UniformQuantizer",
+    "activation_ranges",
     "check_bits",
     "dequantize",
     "export_quantized",
@@ -57,10 +71,13 @@ __all__ = [
     "linear_ramp",
     "lloyd_max_levels",
     "mracos",
+    "mracos_sum",
     "mu_law_compress",
     "mu_law_expand",
     "mu_law_levels",
-    "mracos_sum",
+    "native_plan",
+    "native_quantized",
+    "native_size",
     "nearest_level",
     "plan_quantizers",
     "quantizable_parameters",
