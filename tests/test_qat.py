@@ -1,5 +1,6 @@
 """sub8.qat: the method registry, fine-tune and PTQ rows (packed size from the bits, levels, run bookkeeping), the
-headline and recovery tables, and the level comparison of notebook 02."""
+headline and recovery tables, native integer QAT rows and notebook 05's tables, and the level comparison of
+notebook 02."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from sub8 import profiles, qat
 from sub8.data.features import Cmvn
 from sub8.data.prepare import PreparedData
 from sub8.data.tokenizer import build_tokenizer
-from sub8.evaluate import score
+from sub8.evaluate import decode, score
 from sub8.experiment import hooks_state, load_model, model_dir
 from sub8.io import atomic_torch_save
 from sub8.qat import (
     CENTROID_COLUMNS,
+    CLAIM_COLUMNS,
+    NATIVE_COLUMNS,
     CENTROID_METHODS,
     MU_CHOICES,
     ROW_COLUMNS,
@@ -30,7 +33,11 @@ from sub8.qat import (
     finetune_row,
     headline_table,
     int8_grid_levels,
+    activation_bits,
     make_hooks,
+    native_claims,
+    native_table,
+    plan_bits,
     plan_label,
     ptq_model,
     ptq_row,
@@ -40,7 +47,20 @@ from sub8.qat import (
     s8bqat_options,
     tensor_centroids,
 )
-from sub8.quant import S8BQAT, QuantPlan, UniformQAT, int8_levels, quantizable_parameters
+from sub8.quant import (
+    S8BQAT,
+    NativePlan,
+    NativeQAT,
+    QuantPlan,
+    UniformQAT,
+    int8_levels,
+    native_plan,
+    native_size,
+    quantizable_parameters,
+    quantized_size_bytes,
+)
+from sub8.quant import native as native_module
+from sub8.quant.native import ActivationQuantizer, NativeLinear, activation_sites
 
 FINETUNE_STEPS = 2
 
@@ -54,10 +74,15 @@ def data(tmp_path, monkeypatch) -> PreparedData:
     schedule = dict(max_steps=FINETUNE_STEPS, lr=1e-3, warmup_steps=1, log_every=1, ckpt_every=FINETUNE_STEPS,
                     num_threads=1, device="cpu")
     profile = profiles.get("smoke", finetune=schedule)
-    model = tiny_model(input_dim=80, vocab_size=tokenizer.vocab_size)
-    atomic_torch_save({"model": model.state_dict(), "model_config": model.config.to_dict()},
-                      model_dir(profile, "base") / "final.pt")
+    save_baseline(profile, "base", tiny_model(input_dim=80, vocab_size=tokenizer.vocab_size))
+    # A Conformer baseline too, for the native plans defined over its blocks (mixed 4/8).
+    save_baseline(profile, "conf", tiny_model(encoder="conformer", input_dim=80, vocab_size=tokenizer.vocab_size))
     return PreparedData(profile, {}, tokenizer, {s: fs for s in ("train", "dev", "test")}, Cmvn.from_features(fs))
+
+
+def save_baseline(profile: profiles.Profile, name: str, model: torch.nn.Module) -> None:
+    atomic_torch_save({"model": model.state_dict(), "model_config": model.config.to_dict()},
+                      model_dir(profile, name) / "final.pt")
 
 
 def packed_bytes(model: torch.nn.Module, bits: int, lut_entries: int, scales_per_tensor=lambda w: 1) -> int:
@@ -303,3 +328,167 @@ def test_centroid_table_covers_every_quantizable_tensor_and_summarises_them():
     assert math.isnan(one_bit_uniform.sqnr_db_pooled) and math.isnan(one_bit_uniform.best_share)
     shares = summary[summary.bits > 1].groupby("bits").best_share.sum()
     assert (shares >= 1 - 1e-9).all()  # every tensor has a best method (ties may count twice)
+
+
+# --- native integer QAT (notebook 05) ------------------------------------------------------------------------------
+
+
+def weight_bits_by_hand(model: torch.nn.Module, bits_of) -> float:
+    """Size-weighted mean of ``bits_of(module name)`` over every weight matrix native QAT quantizes (Linear, Conv,
+    Embedding weights and LSTM weight_ih/weight_hh), the CTC head excluded: plan_bits computed without sub8."""
+    total = weighted = 0
+    for name, module in model.named_modules():
+        if name.startswith("ctc_head") or not isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d,
+                                                                  torch.nn.LSTM, torch.nn.Embedding)):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if pname == "weight" or pname.startswith(("weight_ih", "weight_hh")):
+                total += p.numel()
+                weighted += p.numel() * bits_of(name)
+    return weighted / total
+
+
+def test_native_method_takes_native_plans_only():
+    hooks = make_hooks("native", native_plan("w4a8"), momentum=0.9)
+    assert isinstance(hooks, NativeQAT) and hooks.plan == native_plan("w4a8") and hooks.momentum == 0.9
+    assert "native" in qat.registered_methods()
+    with pytest.raises(ValueError, match="give it a NativePlan"):
+        make_hooks("native", QuantPlan.uniform(4))
+    with pytest.raises(ValueError, match="give it a QuantPlan"):
+        make_hooks("s8bqat", native_plan("w4a8"))
+
+
+def test_native_plan_labels_use_the_named_plans():
+    assert [plan_label(native_plan(n)) for n in ("w8a8", "w4a8", "w4a4", "mixed")] == ["w8a8", "w4a8", "w4a4", "mixed"]
+    assert plan_label(native_plan("w4a8", "lstm")) == "w4a8"
+    assert plan_label(native_plan("w4a4", attention_products=False)) == "w4a4_attnfloat"
+    assert plan_label(NativePlan([("*", 8, 8), ("joiner", 4, 4)])) == "allw8a8_joinerw4a4"
+    assert plan_label(NativePlan([("*", 8, 8), ("*.scores", None, None)])) == "allw8a8_x.scoresfp"
+    assert run_name("conformer_large", "native", native_plan("mixed")) == "conformer_large-native-mixed"
+    with pytest.raises(TypeError, match="QuantPlan or a NativePlan"):
+        plan_label([("*", 4)])
+
+
+def test_native_plan_bits_are_the_mean_weight_and_activation_bits():
+    model = tiny_model(encoder="conformer")
+    assert plan_bits(model, native_plan("w4a8")) == 4 and activation_bits(model, native_plan("w4a8")) == 8
+    assert plan_bits(model, native_plan("w8a8")) == 8 and activation_bits(model, native_plan("w4a4")) == 4
+    mixed = native_plan("mixed")
+    four_bit_blocks = ("self_attn", "ffn1", "ffn2")
+
+    def mixed_bits(name: str) -> int:
+        parts = name.split(".")
+        return 4 if name.startswith("transcriber.layers.") and parts[3] in four_bit_blocks else 8
+
+    expected = weight_bits_by_hand(model, mixed_bits)
+    assert 4 < expected < 8 and plan_bits(model, mixed) == pytest.approx(expected)
+    assert activation_bits(model, mixed) == 8  # every block of the mixed plan reads 8-bit activations
+    # activation bits: one vote per activation site (a per-tensor range), not weighted by size
+    joiner4 = NativePlan([("*", 8, 8), ("joiner", 4, 4)])
+    sites = activation_sites(model, joiner4)
+    low = sum(site.startswith("joiner.") for site in sites)
+    assert 0 < low < len(sites)
+    assert activation_bits(model, joiner4) == pytest.approx((4 * low + 8 * (len(sites) - low)) / len(sites))
+
+
+@pytest.fixture
+def spy_evaluation(monkeypatch):
+    """Watches the test decoding of finetune_row: the model it decodes, and the integer matmuls run meanwhile."""
+    seen = {"int_linear": 0, "evaluating": False, "models": []}
+    real_int_linear, real_evaluate = native_module.int_linear, qat.evaluate_model
+
+    def counting_int_linear(*args, **kwargs):
+        seen["int_linear"] += seen["evaluating"]
+        return real_int_linear(*args, **kwargs)
+
+    def spying_evaluate(data, name, model, split="test"):
+        quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
+        linears = sum(isinstance(m, NativeLinear) for m in model.modules())
+        seen["models"].append({"name": name, "native_linears": linears, "quantizers": len(quantizers),
+                               "frozen": all(q.frozen for q in quantizers),
+                               "ranges": {q.site: (float(q.running_min), float(q.running_max)) for q in quantizers}})
+        seen["evaluating"] = True
+        try:
+            return real_evaluate(data, name, model, split)
+        finally:
+            seen["evaluating"] = False
+
+    monkeypatch.setattr(native_module, "int_linear", counting_int_linear)
+    monkeypatch.setattr(qat, "evaluate_model", spying_evaluate)
+    return seen
+
+
+def test_native_row_decodes_test_with_activations_quantized(data, spy_evaluation):
+    plan = native_plan("mixed")
+    result = finetune_row(data, "conf", "native", plan)
+    row = result.row
+    assert result.name == "conf-native-mixed" and list(row) == list(ROW_COLUMNS)
+    assert (row["model"], row["method"], row["finetune_steps"]) == ("conf", "native", FINETUNE_STEPS)
+    assert row["finetune_minutes"] > 0 and row["wer_delta_lo"] <= row["wer_delta_hi"]
+    model = load_model(data.profile, result.name)
+    assert row["bits"] == pytest.approx(plan_bits(model, plan)) and 4 < row["bits"] < 8
+    # the size is what the native device stores: no LUT, per-channel and per-site scales (not the LUT form)
+    sizes = native_size(model, plan)
+    assert row["size_bytes_packed"] == sizes["total"] < sizes["fp32"]
+    exported = NativeQAT(plan).quantizers(model)
+    assert row["size_bytes_packed"] != quantized_size_bytes(qat.export_quantized(model, exported), model)
+    # the test split was decoded by the native modules (integer matmuls of quantized activations), frozen at the
+    # run's ranges
+    (seen,) = [m for m in spy_evaluation["models"] if m["name"] == result.name]  # (the other: the fp32 baseline)
+    state = hooks_state(data.profile, result.name)
+    assert seen["native_linears"] > 0 and seen["frozen"]
+    assert seen["quantizers"] == len(state["activations"]["sites"])
+    assert seen["ranges"] == {site: (float(lo), float(hi)) for site, lo, hi in zip(
+        state["activations"]["sites"], state["activations"]["running_min"], state["activations"]["running_max"])}
+    assert spy_evaluation["int_linear"] > 0
+    # and those hypotheses are what the saved model with the saved ranges decodes (not the float-activation model)
+    cached = pd.read_csv(model_dir(data.profile, result.name) / "eval_test.csv", keep_default_na=False, dtype=str)
+    with NativeQAT.from_state_dict(state).evaluating(model) as deployed:
+        again = decode(deployed, data.features["test"], data.cmvn, data.tokenizer, data.profile.eval_batch_frames)
+    assert list(cached.hyp) == again and len(result.test.per_utterance) == len(data.features["test"])
+    # 4-bit blocks hold at most 15 values per output channel, 8-bit ones at most 255
+    for name in exported:
+        weight = model.get_parameter(name).detach().flatten(1)
+        levels = 15 if ".self_attn." in name or ".ffn" in name else 255
+        assert max(w.unique().numel() for w in weight) <= levels, name
+
+
+def test_a_finished_native_run_is_reused_with_its_saved_ranges(data, spy_evaluation):
+    plan = native_plan("w4a8", "lstm")
+    first = finetune_row(data, "base", "native", plan)
+    (model_dir(data.profile, first.name) / "eval_test.csv").unlink()  # decode again, from the checkpoint's ranges
+    again = finetune_row(data, "base", "native", plan)
+    assert again.name == "base-native-w4a8" and again.row == first.row
+    fresh, reused = [m for m in spy_evaluation["models"] if m["name"] == first.name]
+    assert reused["ranges"] == fresh["ranges"] and reused["frozen"] and reused["quantizers"] > 0
+    assert first.row["bits"] == 4 and first.row["size_bytes_packed"] == native_size(
+        load_model(data.profile, first.name), plan)["total"]
+
+
+def test_native_table_and_claims(data):
+    results = [finetune_row(data, "conf", "native", native_plan(name)) for name in ("w4a8", "mixed")]
+    table = native_table(data.profile, results)
+    assert list(table.columns) == list(NATIVE_COLUMNS) and list(table.plan) == ["w4a8", "mixed"]
+    assert list(table.w_bits) == [r.row["bits"] for r in results] and list(table.a_bits) == [8, 8]
+    fp32_bytes = native_size(load_model(data.profile, "conf"), native_plan("w4a8"))["fp32"]
+    assert table.size_ratio_vs_fp32.tolist() == pytest.approx((fp32_bytes / table.size_bytes).tolist())
+    with pytest.raises(ValueError, match="not a 'native' one"):
+        native_table(data.profile, [finetune_row(data, "base", "fp32_control")])
+
+    fake = pd.DataFrame([
+        {"model": "c", "plan": "w4a8", "wer_test": 10.2, "wer_delta_lo": -0.1, "size_ratio_vs_fp32": 7.5},
+        {"model": "c", "plan": "mixed", "wer_test": 10.0, "wer_delta_lo": 0.1, "size_ratio_vs_fp32": 4.9},
+        {"model": "d", "plan": "w4a8", "wer_test": 10.4, "wer_delta_lo": 0.2, "size_ratio_vs_fp32": 6.9},
+        {"model": "r", "plan": "w4a8", "wer_test": 50.0, "wer_delta_lo": 9.0, "size_ratio_vs_fp32": 7.9},
+    ])
+    claims = native_claims(fake, {"c": 10.0, "d": 10.0, "r": 10.0}, conformers=["c", "d"])
+    assert list(claims.columns) == list(CLAIM_COLUMNS) and set(claims.model) == {"c", "d"}  # the RNN-T has no target
+    holds = claims.set_index(["model", "plan", "claim"]).holds
+    assert holds["c", "w4a8", "not significantly worse than fp32"]
+    assert holds["c", "w4a8", "WER within 3% relative of fp32"]  # +2%
+    assert holds["c", "w4a8", "size reduction vs fp32"] and not holds["c", "mixed", "size reduction vs fp32"]
+    assert not holds["d", "w4a8", "not significantly worse than fp32"]
+    assert not holds["d", "w4a8", "WER within 3% relative of fp32"]  # +4%
+    assert not holds["d", "w4a8", "size reduction vs fp32"]
+    assert claims.set_index(["model", "plan", "claim"]).measured["d", "w4a8", "WER within 3% relative of fp32"] == \
+        pytest.approx(4.0)

@@ -3,18 +3,27 @@
 
 **Methods** are named hook factories in a registry: ``make_hooks(method, plan, **options)`` gives the
 :class:`sub8.train.Hooks` that fine-tune a baseline with that method (None for the fp32 control). This module
-registers the methods of issue 4; another module adds its own with :func:`register_method`. The hooks of a method
-that quantizes must have ``quantizers(model) -> {param name: Quantizer}``: the quantizer whose ``quantize_int8``
-gives each weight's device form after fine-tuning (for S8BQAT the fixed Lloyd-Max LUTs, restored from the run's
-checkpoint; for uniform QAT the uniform quantizer recomputed from the hard weights, which gives back the same codes).
+registers the methods of issue 4 (weight-only, with a :class:`~sub8.quant.QuantPlan`) and ``native`` (issue 6:
+native integer QAT of weights and activations, with a :class:`~sub8.quant.NativePlan`); another module adds its own
+with :func:`register_method`. The hooks of a method that quantizes must have ``quantizers(model) -> {param name:
+Quantizer}``: the quantizer whose ``quantize_int8`` gives each weight's device form after fine-tuning (for S8BQAT the
+fixed Lloyd-Max LUTs, restored from the run's checkpoint; for uniform and native QAT the uniform quantizer recomputed
+from the hard weights, which gives back the same codes). Evaluation runs inside the hooks' ``evaluating(model)``:
+for ``native`` that re-applies the run's activation ranges, so the test split is decoded with weights AND
+activations quantized and every matmul on integers, as the device runs it.
 
 **A row** (``ROW_COLUMNS``), per (baseline, method, plan):
 
 - ``bits``: the plan's bits per quantized weight (the weight-count-weighted mean for a mixed plan); 32 for fp32.
-- ``wer_test``, ``cer_test``: percent, on the test split, of the hard-quantized weights (what the device runs).
-- ``size_bytes_packed``: :func:`sub8.quant.quantized_size_bytes` of the exported model: codes packed densely at b
-  bits, each tensor's int8 LUT and float32 scale(s), and every parameter left unquantized (biases, norms, and all of
-  the fp32 control) at 4 bytes.
+  (:func:`plan_bits`; for a NativePlan the weight bits: its activation bits are :func:`activation_bits`.)
+- ``wer_test``, ``cer_test``: percent, on the test split, of the hard-quantized weights (what the device runs;
+  with ``native``, activations quantized too).
+- ``size_bytes_packed``: the bytes the device stores, by the method's registered ``size`` rule. By default
+  :func:`sub8.quant.quantized_size_bytes` of the exported model: codes packed densely at b bits, each tensor's int8
+  LUT and float32 scale(s), and every parameter left unquantized (biases, norms, and all of the fp32 control) at 4
+  bytes. For ``native``: :func:`sub8.quant.native_size` ``["total"]``: codes packed densely at b_w bits with NO LUT
+  (the device multiplies the symmetric integer codes directly), a float32 scale per output channel, a float32 scale
+  and a one-byte zero point per activation site, and every other deployed parameter at 4 bytes.
 - ``finetune_steps``, ``finetune_minutes``: the fine-tune's updates and wall-clock minutes (0 for PTQ).
 - ``wer_delta_lo``, ``wer_delta_hi``: the 95% paired-bootstrap interval (1000 resamples over test utterances, seed
   0) of WER(this row) − WER(the same baseline in fp32), absolute points; an interval containing 0 means "not
@@ -44,12 +53,15 @@ from torch import nn
 
 from sub8.data.prepare import PreparedData
 from sub8.evaluate import EvalResult, compare
-from sub8.experiment import evaluate_model, finetune, load_model, model_dir
+from sub8.experiment import evaluate_model, finetune, hooks_state, load_model, model_dir
 from sub8.io import atomic_write_text, load_checkpoint
 from sub8.models import Transducer
 from sub8.profiles import Profile
 from sub8.quant import (
+    NATIVE_PLANS,
     S8BQAT,
+    NativePlan,
+    NativeQAT,
     QuantizedTensor,
     QuantPlan,
     Quantizer,
@@ -58,6 +70,8 @@ from sub8.quant import (
     export_quantized,
     hard_quantize_,
     int8_levels,
+    native_plan,
+    native_size,
     nearest_level,
     plan_quantizers,
     quantizable_parameters,
@@ -66,6 +80,7 @@ from sub8.quant import (
 )
 from sub8.quant.lloyd_max import SortedWeights, lloyd_max
 from sub8.quant.mu_law import mu_law_levels
+from sub8.quant.native import activation_sites
 from sub8.train import Hooks
 
 ROW_COLUMNS = (
@@ -77,20 +92,39 @@ FP32_BITS = 32
 # ---------------------------------------------------------------------------------------------------------------
 # The registry of fine-tuning methods
 
-HooksFactory = Callable[..., "Hooks | None"]  # (plan: QuantPlan | None, **options) -> hooks (None: plain fp32)
-_METHODS: dict[str, HooksFactory] = {}
+HooksFactory = Callable[..., "Hooks | None"]  # (plan | None, **options) -> hooks (None: plain fp32)
+# (fine-tuned model with hard-quantized weights, plan, exported weights) -> bytes the device stores
+SizeRule = Callable[[nn.Module, Any, Mapping[str, QuantizedTensor]], int]
 
 
-def register_method(name: str, factory: HooksFactory, *, replace: bool = False) -> None:
+def packed_size(model: nn.Module, plan: Any, exported: Mapping[str, QuantizedTensor]) -> int:
+    """The default size rule: :func:`sub8.quant.quantized_size_bytes` (packed codes + int8 LUT + scales per
+    exported tensor, every other deployed parameter at 4 bytes)."""
+    return quantized_size_bytes(dict(exported), model)
+
+
+@dataclass(frozen=True)
+class _Method:
+    factory: HooksFactory
+    size: SizeRule = packed_size
+
+
+_METHODS: dict[str, _Method] = {}
+
+
+def register_method(name: str, factory: HooksFactory, *, size: SizeRule | None = None, replace: bool = False) -> None:
     """Make ``make_hooks(name, plan, **options)`` call ``factory(plan, **options)``. ``name`` becomes part of run
-    directory names, so it is lower-case letters, digits and underscores. Re-registering a name needs ``replace``."""
+    directory names, so it is lower-case letters, digits and underscores. Re-registering a name needs ``replace``.
+
+    ``size``: how a row counts the bytes the device stores for this method (``size(model, plan, exported)``; default
+    :func:`packed_size`), for a method whose device form is not "codes through a LUT" (e.g. ``native``)."""
     if not re.fullmatch(r"[a-z0-9_]+", name):
         raise ValueError(f"register_method: {name!r} is not a method name (lower-case letters, digits, '_')")
     if name == "ptq":
         raise ValueError("register_method: 'ptq' is reserved for post-training quantization (ptq_row)")
     if name in _METHODS and not replace:
         raise ValueError(f"register_method: {name!r} is already registered (pass replace=True to change it)")
-    _METHODS[name] = factory
+    _METHODS[name] = _Method(factory, size or packed_size)
 
 
 def registered_methods() -> list[str]:
@@ -98,7 +132,7 @@ def registered_methods() -> list[str]:
     return list(_METHODS)
 
 
-def make_hooks(method: str, plan: QuantPlan | None = None, **options: Any) -> Hooks | None:
+def make_hooks(method: str, plan: Any = None, **options: Any) -> Hooks | None:
     """The training hooks of ``method`` at ``plan`` (None for ``fp32_control``, which takes no plan).
 
     Raises ValueError for an unknown method (naming the known ones), a missing plan, or options the method does
@@ -107,14 +141,14 @@ def make_hooks(method: str, plan: QuantPlan | None = None, **options: Any) -> Ho
         hint = " (post-training quantization is not a fine-tune: use ptq_row)" if method == "ptq" else ""
         raise ValueError(f"unknown QAT method {method!r}{hint}; registered: {', '.join(_METHODS)}")
     try:
-        return _METHODS[method](plan, **options)
+        return _METHODS[method].factory(plan, **options)
     except TypeError as e:  # an option the method's constructor does not take
         raise ValueError(f"method {method!r}: bad options {sorted(options)}: {e}") from e
 
 
-def _need_plan(method: str, plan: QuantPlan | None) -> QuantPlan:
-    if not isinstance(plan, QuantPlan):
-        raise ValueError(f"method {method!r} quantizes weights: give it a QuantPlan, got {plan!r}")
+def _need_plan(method: str, plan: Any, kind: type = QuantPlan) -> Any:
+    if not isinstance(plan, kind):
+        raise ValueError(f"method {method!r} quantizes weights: give it a {kind.__name__}, got {plan!r}")
     return plan
 
 
@@ -139,6 +173,13 @@ register_method(
 register_method(
     "s8bqat_no_regularizer",
     lambda plan, **o: S8BQAT(_need_plan("s8bqat_no_regularizer", plan), regularize=False, **o),
+)
+# Native integer QAT (issue 6): weights AND activations quantized, integer matmuls in the forward. Its size counts
+# what that device stores (native_size: no LUT, per-channel and activation scales), not the LUT form of packed_size.
+register_method(
+    "native",
+    lambda plan, **o: NativeQAT(_need_plan("native", plan, NativePlan), **o),
+    size=lambda model, plan, exported: int(native_size(model, plan)["total"]),
 )
 
 
@@ -169,19 +210,45 @@ def trained_quantizers(hooks: Hooks | None, model: nn.Module, state: Mapping[str
 # Run names and their recorded settings
 
 
-def plan_label(plan: QuantPlan) -> str:
-    """Short, path-safe name of a plan: ``"4b"`` for every weight at 4 bits, else ``"<pattern><bits>"`` per rule
-    joined by ``_`` (``*`` → ``x``, ``"*"`` alone → ``all``), e.g. ``all4_joiner8``."""
+def _pattern_tag(pattern: str) -> str:
+    return "all" if pattern == "*" else re.sub(r"[^A-Za-z0-9.]+", "_", pattern.replace("*", "x")).strip("_")
+
+
+def plan_label(plan: QuantPlan | NativePlan) -> str:
+    """Short, path-safe name of a plan.
+
+    - QuantPlan: ``"4b"`` for every weight at 4 bits, else ``"<pattern><bits>"`` per rule joined by ``_`` (``*`` →
+      ``x``, ``"*"`` alone → ``all``), e.g. ``all4_joiner8``.
+    - NativePlan: the name of the named plan it equals (:func:`sub8.quant.native_plan`: ``w8a8``, ``w4a8``, ``w4a4``,
+      ``mixed``; ``_attnfloat`` appended when the attention products are left in float), else
+      ``"<pattern>w<w_bits>a<a_bits>"`` (``<pattern>fp`` for a rule that leaves targets in float) per rule joined by
+      ``_``, e.g. ``allw8a8_joinerw4a4``."""
+    if isinstance(plan, NativePlan):
+        return _native_plan_label(plan)
+    if not isinstance(plan, QuantPlan):
+        raise TypeError(f"plan_label: no label for a {type(plan).__name__}; give a QuantPlan or a NativePlan")
     if len(plan.rules) == 1 and plan.rules[0][0] == "*":
         return f"{plan.rules[0][1]}b"
-    tags = []
-    for pattern, bits in plan.rules:
-        tag = "all" if pattern == "*" else re.sub(r"[^A-Za-z0-9.]+", "_", pattern.replace("*", "x")).strip("_")
-        tags.append(f"{tag}{bits}")
-    return "_".join(tags)
+    return "_".join(f"{_pattern_tag(pattern)}{bits}" for pattern, bits in plan.rules)
 
 
-def run_name(base: str, method: str, plan: QuantPlan | None = None) -> str:
+def _native_plan_label(plan: NativePlan) -> str:
+    # The named plans first: their names are what the notebooks and tables use, and they stay short (the mixed
+    # plan's rules would give a run directory name of ~100 characters).
+    for attention_products in (True, False):
+        for encoder in ("conformer", "lstm"):
+            for name in NATIVE_PLANS:
+                try:
+                    named = native_plan(name, encoder, attention_products)
+                except ValueError:  # e.g. "mixed" has no LSTM form
+                    continue
+                if named == plan:
+                    return name if attention_products else f"{name}_attnfloat"
+    return "_".join(f"{_pattern_tag(pattern)}" + ("fp" if w_bits is None else f"w{w_bits}a{a_bits}")
+                    for pattern, w_bits, a_bits in plan.rules)
+
+
+def run_name(base: str, method: str, plan: QuantPlan | NativePlan | None = None) -> str:
     """``<base>-<method>-<plan label>``, or ``<base>-<method>`` without a plan (the fp32 control)."""
     return f"{base}-{method}" + (f"-{plan_label(plan)}" if plan is not None else "")
 
@@ -198,7 +265,7 @@ def checkpoint_digest(profile: Profile, name: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _spec(profile: Profile, base: str, method: str, plan: QuantPlan | None, options: Mapping[str, Any]) -> dict:
+def _spec(profile: Profile, base: str, method: str, plan: Any, options: Mapping[str, Any]) -> dict:
     spec = {"base": base, "base_digest": checkpoint_digest(profile, base), "method": method,
             "plan": plan.to_list() if plan is not None else None, "options": dict(options)}
     return json.loads(json.dumps(spec))  # the form it has after a round trip through qat.json (tuples → lists)
@@ -244,12 +311,34 @@ def fp32_result(data: PreparedData, base: str) -> EvalResult:
     return evaluate_model(data, base, load_model(data.profile, base))
 
 
-def plan_bits(model: nn.Module, plan: QuantPlan) -> int | float:
-    """The plan's bits when all weights share them, else the mean bits per quantized weight (weighted by size)."""
-    resolved = plan.resolve(model)
-    if len({bits for _, bits in resolved}) == 1:
-        return resolved[0][1]
-    sizes = [(model.get_parameter(name).numel(), bits) for name, bits in resolved]
+def plan_bits(model: nn.Module, plan: QuantPlan | NativePlan) -> int | float:
+    """The plan's bits when all weights share them, else the mean bits per quantized weight (weighted by size).
+
+    For a NativePlan: its weight bits, over exactly the weights native QAT quantizes and exports
+    (``NativeQAT.quantizers``: every Linear/Conv/Embedding weight and LSTM weight matrix the plan covers; biases and
+    the attention products, which have no weights, are not counted)."""
+    if isinstance(plan, NativePlan):
+        sizes = [(model.get_parameter(name).numel(), q.bits) for name, q in NativeQAT(plan).quantizers(model).items()]
+    else:
+        sizes = [(model.get_parameter(name).numel(), bits) for name, bits in plan.resolve(model)]
+    return _mean_bits(sizes)
+
+
+def activation_bits(model: nn.Module, plan: NativePlan) -> int | float:
+    """A NativePlan's activation bits when every activation site shares them, else their mean over sites, each site
+    counted once (a site is one per-tensor range; its element count depends on the utterance, so it is not
+    weighted). Sites are those with a calibrated range (:func:`sub8.quant.native.activation_sites`): the inputs of
+    every quantized matmul and convolution and the Q, K, V operands of the attention products; the attention
+    probabilities, on a fixed grid, have no range and are not counted."""
+    return _mean_bits([(1, bits) for bits in activation_sites(model, plan).values()])
+
+
+def _mean_bits(sizes: Sequence[tuple[int, int]]) -> int | float:
+    """The common bits of ``(count, bits)`` pairs (an int), else the count-weighted mean."""
+    if not sizes:
+        raise ValueError("the plan quantizes nothing here")
+    if len({bits for _, bits in sizes}) == 1:
+        return sizes[0][1]
     return sum(n * b for n, b in sizes) / sum(n for n, _ in sizes)
 
 
@@ -277,14 +366,15 @@ def finetune_row(
     data: PreparedData,
     base: str,
     method: str,
-    plan: QuantPlan | None = None,
+    plan: QuantPlan | NativePlan | None = None,
     options: Mapping[str, Any] | None = None,
     *,
     fp32: EvalResult | None = None,
     force: bool = False,
 ) -> MethodResult:
     """Fine-tune baseline ``base`` with ``method`` at ``plan`` on the profile's fine-tune schedule (skipped when the
-    run finished with the same settings), evaluate the hard-quantized model on test, and make its row.
+    run finished with the same settings), evaluate the hard-quantized model on test (inside the hooks'
+    ``evaluating``: as the device runs it), and make its row.
 
     Args:
         options: the method's hyper-parameters (e.g. :func:`s8bqat_options`), recorded with the run.
@@ -304,7 +394,7 @@ def finetune_row(
         test = evaluate_model(data, name, deployed)
     fp32 = fp32 if fp32 is not None else fp32_result(data, base)
     bits = FP32_BITS if hooks is None else plan_bits(model, plan)
-    size = quantized_size_bytes(exported, model)
+    size = _METHODS[method].size(model, plan, exported)
     return MethodResult(name, _row(base, method, bits, test, fp32, size, final["step"], final["seconds"] / 60), test)
 
 
@@ -408,6 +498,80 @@ def recovery_table(
     out[f"{baseline}_loss_rel_pct"], out["recovered_share"] = rel, recovered
     return out[["model", "bits", "wer_fp32", f"wer_{baseline}", f"wer_{method}", f"{baseline}_loss_rel_pct",
                 "recovered_share"]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Native integer QAT (notebook 05)
+
+NATIVE_COLUMNS = (
+    "model", "plan", "w_bits", "a_bits", "wer_test", "cer_test", "size_bytes", "size_ratio_vs_fp32",
+    "finetune_minutes", "wer_delta_lo", "wer_delta_hi",
+)
+# Issue 6's targets for the Conformer: w4a8 not significantly worse than fp32 (the interval's low end ≤ 0), its point
+# WER within 3% (relative) of fp32, at ≥ 7× less storage than fp32 (scales counted); the mixed 4/8 plan ≥ 5×.
+W4A8_MAX_WER_REL_PCT = 3.0
+W4A8_MIN_SIZE_RATIO = 7.0
+MIXED_MIN_SIZE_RATIO = 5.0
+CLAIM_COLUMNS = ("model", "plan", "claim", "target", "measured", "holds")
+
+
+def native_table(profile: Profile, results: Iterable[MethodResult]) -> pd.DataFrame:
+    """Notebook 05's table (``NATIVE_COLUMNS``) from ``native`` fine-tune results (:func:`finetune_row`).
+
+    ``plan``: :func:`plan_label` of the run's plan (read back from its checkpoint); ``w_bits``: the row's ``bits``
+    (:func:`plan_bits`: mean over quantized weights, weighted by size); ``a_bits``: :func:`activation_bits` (mean over
+    activation sites); ``size_bytes``: the row's ``size_bytes_packed``, i.e. :func:`sub8.quant.native_size`
+    ``["total"]`` (checked here); ``size_ratio_vs_fp32``: the deployed float32 bytes ÷ ``size_bytes``."""
+    rows = []
+    for result in results:
+        row = result.row
+        if row["method"] != "native":
+            raise ValueError(f"native_table: {result.name} is a {row['method']!r} run, not a 'native' one")
+        plan = NativePlan.from_list(hooks_state(profile, result.name)["plan"])
+        model = load_model(profile, result.name)
+        size = native_size(model, plan)
+        if size["total"] != row["size_bytes_packed"]:
+            raise RuntimeError(f"{result.name}: the row's size {row['size_bytes_packed']} is not native_size's "
+                               f"{size['total']}")
+        rows.append({
+            "model": row["model"], "plan": plan_label(plan), "w_bits": row["bits"],
+            "a_bits": activation_bits(model, plan), "wer_test": row["wer_test"], "cer_test": row["cer_test"],
+            "size_bytes": row["size_bytes_packed"], "size_ratio_vs_fp32": size["fp32"] / size["total"],
+            "finetune_minutes": row["finetune_minutes"], "wer_delta_lo": row["wer_delta_lo"],
+            "wer_delta_hi": row["wer_delta_hi"],
+        })
+    return pd.DataFrame(rows, columns=list(NATIVE_COLUMNS))
+
+
+def native_claims(table: pd.DataFrame, fp32_wer: Mapping[str, float], conformers: Iterable[str]) -> pd.DataFrame:
+    """Issue 6's targets, measured on ``table`` (:func:`native_table`) for each Conformer in ``conformers`` that ran
+    the plan concerned. ``fp32_wer``: each model's fp32 test WER (notebook 01). One row per (model, claim):
+    ``CLAIM_COLUMNS``, ``holds`` a bool (a claim whose row is missing is not listed).
+
+    - w4a8, "not significantly worse than fp32": ``wer_delta_lo`` ≤ 0.
+    - w4a8, "WER within 3% relative": 100 · (WER − WER_fp32) / WER_fp32 ≤ 3 (with WER_fp32 = 0: holds only at 0).
+    - w4a8, "≥ 7× smaller": ``size_ratio_vs_fp32`` ≥ 7; mixed, "≥ 5× smaller": ≥ 5."""
+    rows = []
+    by = table.set_index(["model", "plan"])
+    for model in conformers:
+        if (model, "w4a8") in by.index:
+            r = by.loc[(model, "w4a8")]
+            fp32 = fp32_wer[model]
+            rel = 100 * (r.wer_test - fp32) / fp32 if fp32 > 0 else (0.0 if r.wer_test == 0 else math.inf)
+            rows += [
+                (model, "w4a8", "not significantly worse than fp32", "wer_delta_lo <= 0", r.wer_delta_lo,
+                 bool(r.wer_delta_lo <= 0)),
+                (model, "w4a8", "WER within 3% relative of fp32", f"wer_rel_pct <= {W4A8_MAX_WER_REL_PCT:g}", rel,
+                 bool(rel <= W4A8_MAX_WER_REL_PCT)),
+                (model, "w4a8", "size reduction vs fp32", f"ratio >= {W4A8_MIN_SIZE_RATIO:g}", r.size_ratio_vs_fp32,
+                 bool(r.size_ratio_vs_fp32 >= W4A8_MIN_SIZE_RATIO)),
+            ]
+        if (model, "mixed") in by.index:
+            r = by.loc[(model, "mixed")]
+            rows.append((model, "mixed", "size reduction vs fp32", f"ratio >= {MIXED_MIN_SIZE_RATIO:g}",
+                         r.size_ratio_vs_fp32, bool(r.size_ratio_vs_fp32 >= MIXED_MIN_SIZE_RATIO)))
+    return pd.DataFrame(rows, columns=list(CLAIM_COLUMNS))
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Levels compared (notebook 02): uniform vs Lloyd-Max vs μ-law, on the int8 grid
