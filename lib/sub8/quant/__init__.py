@@ -1,9 +1,11 @@
 """Sub-8-bit weight quantization (design.md §5).
 
 - ``base``: the Quantizer interface (``levels``, ``quantize`` → codes + levels, ``quantize_int8`` → codes + int8
-  LUT + scale), nearest-level search, the int8 grid; ``uniform``, ``lloyd_max``: quantizers; ``mu_law``: GQ's level space; ``mracos``: the
-  S8BQAT regularizer.
+  LUT + scale), nearest-level search, the int8 grid; ``uniform``, ``lloyd_max``: quantizers; ``mu_law``: GQ's
+  level space; ``mracos``: the S8BQAT regularizer.
 - ``plan``: which weights, at how many bits.
+- ``gq``: the General Quantizer (soft-to-hard, trainable μ-law levels); ``allocate``: per-layer bit allocation
+  under a size budget from measured sensitivities.
 - ``native``: native integer QAT (weights and activations, integer matmuls in the forward) and its plans.
 - ``apply``: training hooks (``UniformQAT``, ``S8BQAT``), hard quantization for evaluation and PTQ
   (``hard_quantize_``), export and packed size.
@@ -34,6 +36,8 @@ from sub8.quant.base import (
     nearest_level,
     snap_to_int8_grid,
 )
+from sub8.quant.allocate import BitAllocation, allocate_bits, auto_plan, measure_sensitivity
+from sub8.quant.gq import GQ, GQQuantizer, GQSchedule, soft_quantize
 from sub8.quant.lloyd_max import LloydMaxQuantizer, lloyd_max_levels
 from sub8.quant.mu_law import mu_law_compress, mu_law_expand, mu_law_levels
 from sub8.quant.mracos import linear_ramp, mracos, mracos_sum
@@ -50,8 +54,12 @@ from sub8.quant.plan import QuantPlan, quantizable_parameters
 from sub8.quant.uniform import UniformQuantizer
 
 __all__ = [
+    "BitAllocation",
     "FakeQuantize",
     "FixedLevels",
+    "GQ",
+    "GQQuantizer",
+    "GQSchedule",
     "LloydMaxQuantizer",
     "NATIVE_PLANS",
     "NativePlan",
@@ -63,6 +71,8 @@ __all__ = [
     "UniformQAT",
     "UniformQuantizer",
     "activation_ranges",
+    "allocate_bits",
+    "auto_plan",
     "check_bits",
     "dequantize",
     "export_quantized",
@@ -70,6 +80,7 @@ __all__ = [
     "int8_levels",
     "linear_ramp",
     "lloyd_max_levels",
+    "measure_sensitivity",
     "mracos",
     "mracos_sum",
     "mu_law_compress",
@@ -83,4 +94,5 @@ __all__ = [
     "quantizable_parameters",
     "quantized_size_bytes",
     "snap_to_int8_grid",
+    "soft_quantize",
 ]
