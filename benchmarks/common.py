@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: a realistic training batch and a step timer.
+"""Shared pieces of the benchmarks: the baselines' architectures, a realistic training batch and a step timer.
 
 Benchmarks print numbers measured in one run on this machine; they are never asserted in tests.
 """
@@ -7,13 +7,26 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
 from sub8.data.batching import Batch
+from sub8.models import PRESETS, Transducer, build_model
+from sub8.profiles import Profile
+
+VOCAB_SIZE = 12  # the digit task's word units (blank included), as the default profile's tokenizer has
 
 
-def synthetic_batch(batch_frames: int, seconds: float = 3.0, words: int = 5, vocab_size: int = 12, seed: int = 0) -> Batch:
+def baseline_model(profile: Profile, name: str, device: torch.device | str = "cpu") -> Transducer:
+    """A freshly initialised (seed 0) model with the architecture of ``profile``'s baseline ``name``."""
+    recipe = profile.baselines[name]
+    torch.manual_seed(0)
+    return build_model(replace(PRESETS[recipe.preset](VOCAB_SIZE), **recipe.model_overrides)).to(device)
+
+
+def synthetic_batch(batch_frames: int, seconds: float = 3.0, words: int = 5, vocab_size: int = VOCAB_SIZE,
+                    seed: int = 0) -> Batch:
     """A batch shaped like the default profile's: as many ``seconds``-long utterances as fit ``batch_frames``
     10 ms frames, ``words`` target units each, CMVN-like random features."""
     gen = torch.Generator().manual_seed(seed)

@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import replace
-
 import torch
+from common import baseline_model
 
 from sub8 import profiles
 from sub8.experiment import load_model, model_dir
-from sub8.models import PRESETS, build_model
 from sub8.quant import QuantPlan
 from sub8.quant.lloyd_max import SortedWeights, lloyd_max
 
@@ -38,11 +36,7 @@ def main() -> None:
         if not recipe.preset.endswith("_large"):
             continue
         trained = (model_dir(prof, name) / "final.pt").exists()
-        torch.manual_seed(0)
-        if trained:
-            model = load_model(prof, name)
-        else:
-            model = build_model(replace(PRESETS[recipe.preset](12), **recipe.model_overrides))
+        model = load_model(prof, name) if trained else baseline_model(prof, name)
         tensors = [model.get_parameter(n) for n, _ in QuantPlan.uniform(8).resolve(model)]
         per_bits = dict.fromkeys(BITS, 0.0)
         t0 = time.perf_counter()

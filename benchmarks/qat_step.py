@@ -1,28 +1,53 @@
-"""QAT training step ÷ fp32 training step for uniform QAT and S8BQAT on each baseline (target: <= 1.15).
+"""QAT training step ÷ fp32 training step for every method on each baseline, and GQ's peak training memory ÷ fp32's,
+all measured in one run (targets: uniform and S8BQAT <= 1.15; GQ <= 1.5 at 8 bits, memory <= 1.3; native <= 2.0
+on the Conformers).
 
-    .venv/bin/python benchmarks/qat_step.py [--profile default] [--threads N] [--bits 4]
+    .venv/bin/python benchmarks/qat_step.py [--profile default] [--threads N] [--bits 4] [--gq-bits 8 4]
+        [--native w8a8,w4a8,w4a4,mixed] [--no-memory]
 
-Same batch and timer as benchmarks/train_step.py (median of 8 steps after 2 warm-up), all in one run.
-Uniform: per-channel fake quantization of every quantizable weight (parametrized, straight-through).
-S8BQAT: float forward plus the MRACos term in the loss; the hard compressor runs once every T updates, so its time
-is measured separately and added as 1/T of it per step.
+Time: the batch and timer of benchmarks/train_step.py (median of 8 steps after 2 warm-up), every quantizable weight
+at the given bits.
+
+- uniform: per-channel fake quantization (parametrized, straight-through).
+- s8bqat: the float forward plus the MRACos term in the loss; the hard compressor runs once every T updates, so its
+  time is measured separately and added as 1/T of it per step.
+- gq: per tensor, in both phases: "soft" (the forward runs w̃, before α reaches its hard threshold) and "hard"
+  (straight-through, after). The optimizer updates the weights and GQ's s and u; the projection of u after each
+  update (sort and clamp, K values a tensor) is timed separately and added.
+- native: integer matmuls of quantized weights and activations (the first warm-up step calibrates the ranges);
+  Conformers run every plan, the RNN-Ts w8a8 and w4a8 with their LSTMs unrolled (the fused kernel cannot quantize the
+  recurrent input; sub8.quant.native).
+
+Memory (GQ): per configuration in a fresh process, so no earlier allocation is counted: on CUDA the allocator's peak
+(torch.cuda.max_memory_allocated) over 3 training steps, model and optimizer state included; on the CPU the
+process's peak resident set size (ru_maxrss) minus the resident size just before the model is built, i.e. weights,
+gradients, AdamW state, activations, GQ's s/u/cells and scratch, plus allocator slack; as the ratio to the fp32 run
+measured the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
-from dataclasses import replace
+from collections.abc import Callable
 
 import torch
-from common import synthetic_batch, time_train_step
+from common import baseline_model, synthetic_batch, time_train_step
 from torch import nn
 
 from sub8 import profiles
-from sub8.models import PRESETS, build_model
-from sub8.quant import S8BQAT, QuantPlan, UniformQAT
+from sub8.data.batching import Batch
+from sub8.quant import GQ, S8BQAT, NativeQAT, QuantPlan, UniformQAT, native_plan
+from sub8.quant.native import NATIVE_PLANS
+
+GQ_ANNEAL_STEPS = 100  # GQ's hard phase is timed at this update, its soft phase at update 1
+RNNT_NATIVE_PLANS = ("w8a8", "w4a8")  # the study compares the RNN-T at these only
 
 
 class Regularized(nn.Module):
@@ -37,40 +62,147 @@ class Regularized(nn.Module):
         return loss + self.hooks.extra_loss(self.step, self.model), parts
 
 
+def median_seconds(fn: Callable[[], None], repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def uniform_step(model: nn.Module, batch: Batch, bits: int) -> float:
+    UniformQAT(QuantPlan.uniform(bits)).on_train_start(model, None)
+    return time_train_step(model, batch)
+
+
+def s8bqat_step(model: nn.Module, batch: Batch, bits: int, compress_every: int) -> float:
+    hooks = S8BQAT(QuantPlan.uniform(bits), ramp_steps=0)
+    hooks.on_train_start(model, None)
+    seconds = time_train_step(Regularized(model, hooks, step=1), batch)
+    return seconds + median_seconds(lambda: hooks.hard_compress(model), repeats=3) / compress_every
+
+
+def with_gq(model: nn.Module, bits: int, step: int) -> GQ:
+    """Parametrize ``model`` by GQ at update ``step``; GQ's s and u are then among ``model.parameters()``, so the
+    timer's AdamW updates them as sub8.train.train does."""
+    hooks = GQ(QuantPlan.uniform(bits), anneal_steps=GQ_ANNEAL_STEPS)
+    hooks.on_train_start(model, None)
+    hooks.set_step(step)
+    return hooks
+
+
+def gq_step(model: nn.Module, batch: Batch, bits: int, step: int) -> float:
+    hooks = with_gq(model, bits, step)
+    projection = median_seconds(lambda: [q.project_(None) for q in hooks.tensors.values()])
+    return time_train_step(model, batch) + projection
+
+
+def native_step(model: nn.Module, batch: Batch, plan: str) -> float:
+    NativeQAT(native_plan(plan, model.config.encoder)).on_train_start(model, None)
+    return time_train_step(model, batch)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_child(profile_name: str, model_name: str, bits: int, threads: int) -> None:
+    """Runs in its own process: prints the peak training memory in bytes (module docstring) as JSON; bits 0 = fp32."""
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prof = profiles.get(profile_name)
+    batch = synthetic_batch(prof.batch_frames).to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    else:
+        start = rss_bytes()
+    model = baseline_model(prof, model_name, device)
+    hooks = with_gq(model, bits, step=1) if bits else None
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for _ in range(3):
+        loss, _ = model.loss(batch.feats, batch.feat_lens, batch.tokens, batch.token_lens)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if hooks is not None:
+            hooks.after_step(1, model, optimizer)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - start
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start  # ru_maxrss is in KiB on Linux
+    print(json.dumps({"peak_bytes": peak}))
+
+
+def peak_memory(profile_name: str, model_name: str, bits: int, threads: int) -> int:
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", profile_name, model_name, str(bits), "--threads", str(threads)],
+        check=True, capture_output=True, text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="default", choices=sorted(profiles.PROFILES))
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--bits", type=int, default=4, help="bits of uniform QAT and S8BQAT")
     parser.add_argument("--compress-every", type=int, default=100)
+    parser.add_argument("--gq-bits", type=int, nargs="+", default=[8, 4])
+    parser.add_argument("--native", default=",".join(NATIVE_PLANS), help="comma-separated named native plans")
+    parser.add_argument("--no-memory", action="store_true", help="skip GQ's peak-memory measurement")
+    parser.add_argument("--memory-child", nargs=3, metavar=("PROFILE", "MODEL", "BITS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        profile_name, model_name, bits = args.memory_child
+        memory_child(profile_name, model_name, int(bits), args.threads)
+        return
+    native_plans = args.native.split(",") if args.native else []
+    unknown = sorted(set(native_plans) - set(NATIVE_PLANS))
+    if unknown:
+        parser.error(f"unknown native plan(s) {unknown}; choose from {NATIVE_PLANS}")
+
     torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prof = profiles.get(args.profile)
-    batch = synthetic_batch(prof.batch_frames)
-    plan = QuantPlan.uniform(args.bits)
-    print(f"profile {prof.name}, {args.bits} bits, {args.threads} thread(s), "
-          f"compressor every {args.compress_every} steps")
-    print(f"{'model':16s} {'fp32 ms':>8s} {'uniform':>8s} {'s8bqat':>8s}")
-    for name, recipe in prof.baselines.items():
+    batch = synthetic_batch(prof.batch_frames).to(device)
+    print(f"profile {prof.name}, {args.threads} thread(s), {device.type}; QAT step / fp32 step "
+          f"(uniform and s8bqat at {args.bits} bits, compressor every {args.compress_every} updates)"
+          + ("" if args.no_memory else "; GQ memory: peak / fp32 peak"))
+    columns = ["uniform", "s8bqat"]
+    columns += [f"gq{b} {phase}" for b in args.gq_bits for phase in ("soft", "hard")]
+    columns += [] if args.no_memory else [f"gq{b} mem" for b in args.gq_bits]
+    columns += [f"nat {p}" for p in native_plans]
+    print(f"{'model':16s} {'fp32 ms':>8s} " + " ".join(f"{c:>10s}" for c in columns))
+
+    for name in prof.baselines:
         def fresh() -> nn.Module:
-            torch.manual_seed(0)
-            return build_model(replace(PRESETS[recipe.preset](12), **recipe.model_overrides))
+            return baseline_model(prof, name, device)
 
         fp32 = time_train_step(fresh(), batch)
-        model = fresh()
-        UniformQAT(plan).on_train_start(model, None)
-        uniform = time_train_step(model, batch)
-        model = fresh()
-        hooks = S8BQAT(plan, ramp_steps=0)
-        hooks.on_train_start(model, None)
-        s8bqat = time_train_step(Regularized(model, hooks, step=1), batch)
-        compress = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            hooks.hard_compress(model)
-            compress.append(time.perf_counter() - t0)
-        s8bqat += statistics.median(compress) / args.compress_every
-        print(f"{name:16s} {fp32 * 1000:8.0f} {uniform / fp32:8.3f} {s8bqat / fp32:8.3f}")
+        ratios = {
+            "uniform": uniform_step(fresh(), batch, args.bits) / fp32,
+            "s8bqat": s8bqat_step(fresh(), batch, args.bits, args.compress_every) / fp32,
+        }
+        for bits in args.gq_bits:
+            ratios[f"gq{bits} soft"] = gq_step(fresh(), batch, bits, step=1) / fp32
+            ratios[f"gq{bits} hard"] = gq_step(fresh(), batch, bits, step=GQ_ANNEAL_STEPS) / fp32
+        if not args.no_memory:
+            fp32_memory = peak_memory(prof.name, name, 0, args.threads)
+            for bits in args.gq_bits:
+                ratios[f"gq{bits} mem"] = peak_memory(prof.name, name, bits, args.threads) / fp32_memory
+        encoder = fresh().config.encoder
+        for plan in native_plans:
+            if encoder == "lstm" and plan not in RNNT_NATIVE_PLANS:
+                continue
+            ratios[f"nat {plan}"] = native_step(fresh(), batch, plan) / fp32
+        cells = [f"{ratios[c]:10.3f}" if c in ratios else f"{'-':>10s}" for c in columns]
+        print(f"{name:16s} {fp32 * 1000:8.0f} " + " ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

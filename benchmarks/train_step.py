@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import replace
-
 import torch
-from common import synthetic_batch, time_train_step
+from common import baseline_model, synthetic_batch, time_train_step
 
 from sub8 import profiles
-from sub8.models import PRESETS, build_model, count_parameters
+from sub8.models import count_parameters
 
 
 def main() -> None:
@@ -30,9 +28,8 @@ def main() -> None:
     frames = int(batch.feat_lens.sum())
     print(f"profile {prof.name}: batch of {len(batch)} x 3 s utterances ({frames} frames), {args.threads} thread(s)")
     print(f"{'model':16s} {'params':>9s} {'step ms':>8s} {'frames/s':>9s} {'x realtime':>10s}")
-    for name, recipe in prof.baselines.items():
-        torch.manual_seed(0)
-        model = build_model(replace(PRESETS[recipe.preset](12), **recipe.model_overrides))
+    for name in prof.baselines:
+        model = baseline_model(prof, name)
         seconds = time_train_step(model, batch)
         print(f"{name:16s} {count_parameters(model):9d} {seconds * 1000:8.0f} {frames / seconds:9.0f} "
               f"{frames / 100 / seconds:10.1f}")
