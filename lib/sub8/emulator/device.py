@@ -10,7 +10,8 @@ What the device does (the model this file computes)
 ---------------------------------------------------
 * **Weights** are stored packed: ``ceil(N·b/8)`` bytes of codes, the int8 lookup table (LUT) and float32 scales
   (exactly :class:`sub8.emulator.packing.PackedTensor`). Every call expands the codes it uses to int8 through the LUT
-  in a decompression unit (``decompress_codes_per_cycle`` codes per cycle, whatever b is), whether the codes come
+  in a decompression unit (``decompress_codes_per_cycle`` codes per cycle, whatever b < 8 is; 8-bit weights are
+  stored as their int8 values and skip it), whether the codes come
   from SRAM or stream in from DRAM; a Conformer step expands each weight once and reuses it for the chunk's frames.
   Weights left unquantized are modelled as float32 (4 bytes an element, no LUT): the ``fp32`` reference row, run at
   the same MAC rate.
@@ -150,8 +151,11 @@ class AcceleratorConfig:
 
 
 # Plausible edge NPUs, NOT measured parts: the MAC counts, SRAM sizes and bandwidths resemble published figures of
-# the parts named; the decompression rates are our assumption (no datasheet gives one for LUT expansion): 1/8 of the
-# MAC array's width, as a weight decoder sized for convolutions, where each weight serves many output positions.
+# the parts named; the decompression rates are our assumption (no datasheet gives one for LUT expansion): one code per
+# MAC per cycle, a decoder sized to feed the MAC array in the matrix-vector products of streaming ASR, where every
+# weight is used once a frame. (A decoder 1/8 as wide, sized for convolutions where each weight serves many outputs,
+# made every resident sub-8-bit LSTM decompression-bound: 8x slower than its MACs, and slower than an 8-bit model,
+# which needs no expansion — a property of that guess, not of sub-8-bit weights; `sweep` can vary the rate.)
 PRESETS: dict[str, AcceleratorConfig] = {
     # Always-on micro-NPU next to a Cortex-M class CPU. Resembles Arm Ethos-U55-256 / Ethos-U65-256: 256 int8
     # MACs/cycle (the U55 is configurable with 32-256 MACs/cycle, the U65 with 256 or 512; Arm, 2020), at the 500 MHz
@@ -160,19 +164,19 @@ PRESETS: dict[str, AcceleratorConfig] = {
     # gives only 0.5 GB/s).
     "edge_small": AcceleratorConfig(
         name="edge_small", macs_per_cycle=256, clock_hz=500e6, sram_bytes=256 * KiB, dram_bytes_per_s=2 * GB,
-        decompress_codes_per_cycle=32,
+        decompress_codes_per_cycle=256,
     ),
     # Entry mobile/IoT NPU. Resembles Arm Ethos-N37: 512 MACs/cycle (1.02 TOPS at 1 GHz), 512 KiB SRAM, designed for
     # "very little DRAM bandwidth, around 3 GB/s or less" (WikiChip, Arm Ethos, 2020).
     "edge_mid": AcceleratorConfig(
         name="edge_mid", macs_per_cycle=512, clock_hz=1e9, sram_bytes=512 * KiB, dram_bytes_per_s=3 * GB,
-        decompress_codes_per_cycle=64,
+        decompress_codes_per_cycle=512,
     ),
     # Phone-class NPU. Resembles Arm Ethos-N77: 2048 MACs/cycle (4.1 TOPS at 1 GHz), 1-4 MiB SRAM (2 MiB here),
     # "as much as 8 GB/s or even higher" of DRAM bandwidth at full performance (WikiChip, Arm Ethos, 2020).
     "phone": AcceleratorConfig(
         name="phone", macs_per_cycle=2048, clock_hz=1e9, sram_bytes=2 * MiB, dram_bytes_per_s=8 * GB,
-        decompress_codes_per_cycle=256,
+        decompress_codes_per_cycle=2048,
     ),
 }
 # The study's default: an always-on part is where on-device ASR must live within a few hundred KiB, and where the
@@ -380,8 +384,11 @@ def _weight_fields(
     # A row that does not start on a byte boundary spans one byte more.
     row_codes = packed_nbytes(row, bits) + (1 if (row * bits) % 8 else 0)
     row_bytes = row_codes + table // table_rows + scale // scale_rows
+    # 8-bit codes take a byte each, as the int8 values they stand for do: such a weight is stored already expanded,
+    # so the MAC array reads it directly and the decompressor has nothing to do (an 8-bit model would otherwise pay
+    # for an expansion no real int8 accelerator runs). Its table stays counted, as the packed format stores it.
     return dict(bits=bits, num_weights=count, code_bytes=code_bytes, table_bytes=table, scale_bytes=scale,
-                row_bytes=row_bytes, codes=count)
+                row_bytes=row_bytes, codes=count if bits < 8 else 0)
 
 
 class _Builder:
