@@ -91,9 +91,11 @@ def main() -> None:
 
     print(f"profile {prof.name}, {args.threads} thread(s); {len(fs)} test utterances, {audio_s:.0f} s of audio")
     print(f"integer program of {source} (converted and calibrated in {convert_s:.1f} s, not counted)")
-    print(f"{'':22s} {'seconds':>9s} {'RTF':>8s} {'WER %':>7s}")
-    print(f"{'fp32 PyTorch (' + args.model + ')':22s} {fp32_s:9.2f} {fp32_s / audio_s:8.4f} {fp32_wer:7.2f}")
-    print(f"{'integer program':22s} {int_s:9.2f} {int_s / audio_s:8.4f} {int_wer:7.2f}")
+    label = f"fp32 PyTorch ({args.model})"
+    width = max(len(label), len("integer program"))
+    print(f"{'':{width}s} {'seconds':>9s} {'RTF':>8s} {'WER %':>7s}")
+    print(f"{label:{width}s} {fp32_s:9.2f} {fp32_s / audio_s:8.4f} {fp32_wer:7.2f}")
+    print(f"{'integer program':{width}s} {int_s:9.2f} {int_s / audio_s:8.4f} {int_wer:7.2f}")
     print(f"integer ÷ fp32 time: {int_s / fp32_s:.2f}")
 
 
