@@ -1,12 +1,14 @@
 """sub8.qat: the method registry, fine-tune and PTQ rows (packed size from the bits, levels, run bookkeeping), the
-headline and recovery tables, native integer QAT rows and notebook 05's tables, and the level comparison of
-notebook 02."""
+headline and recovery tables, GQ rows and notebook 04's tables (plans, sensitivities, automatic plans, claims, level
+snapshots), native integer QAT rows and notebook 05's tables, and the level comparison of notebook 02."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -23,14 +25,26 @@ from sub8.io import atomic_torch_save
 from sub8.qat import (
     CENTROID_COLUMNS,
     CLAIM_COLUMNS,
+    GQ_COLUMNS,
+    MAX_PLAN_LABEL,
     NATIVE_COLUMNS,
     CENTROID_METHODS,
     MU_CHOICES,
     ROW_COLUMNS,
+    SAME_BITS_COLUMNS,
     MethodResult,
+    NamedPlan,
     centroid_summary,
     centroid_table,
     finetune_row,
+    gq_auto_plan,
+    gq_claims,
+    gq_level_snapshots,
+    gq_options,
+    gq_plan_name,
+    gq_schedule,
+    gq_sensitivity,
+    gq_table,
     headline_table,
     int8_grid_levels,
     activation_bits,
@@ -39,16 +53,21 @@ from sub8.qat import (
     native_table,
     plan_bits,
     plan_label,
+    plan_size_bytes,
     ptq_model,
     ptq_row,
     recovery_table,
     register_method,
     run_name,
     s8bqat_options,
+    same_bits_table,
+    sensitivity_table,
     tensor_centroids,
 )
 from sub8.quant import (
+    GQ,
     S8BQAT,
+    GQQuantizer,
     NativePlan,
     NativeQAT,
     QuantPlan,
@@ -290,6 +309,193 @@ def test_recovery_share_only_where_uniform_lost_at_least_10_percent():
     assert list(out.index) == [3, 6]
     assert out.loc[3, "uniform_loss_rel_pct"] == 100.0 and out.loc[3, "recovered_share"] == 0.75
     assert out.loc[6, "uniform_loss_rel_pct"] == pytest.approx(5.0) and math.isnan(out.loc[6, "recovered_share"])
+
+
+# --- GQ (notebook 04) ----------------------------------------------------------------------------------------------
+
+# Tiny RNN-T (tiny_model): 2 encoder LSTM layers; the mixed plan puts the second at 1 bit, as notebook 04's lstm1b.
+MIXED = NamedPlan("mixed-lstm1b", [("*", 4), ("transcriber.lstm.weight_*_l[1-9]", 1), ("predictor.embedding", 8),
+                                   ("joiner.output", 8)])
+
+
+def test_gq_is_registered_and_its_options_scale_the_schedule_to_the_fine_tune():
+    assert "gq" in qat.registered_methods()
+    options = gq_options(200)
+    assert options == {"mu": 4.0, "alpha_start": 1.0, "alpha_hard": 128.0, "anneal_steps": 100, "level_lr_scale": 1.0}
+    hooks = make_hooks("gq", MIXED, **gq_options(4, mu=2.0, anneal_fraction=0.25, level_lr_scale=3.0))
+    assert isinstance(hooks, GQ) and hooks.plan is MIXED and hooks.mu == 2.0 and hooks.level_lr_scale == 3.0
+    assert hooks.schedule.anneal_steps == 1 and gq_schedule(gq_options(200)).anneal_steps == 100
+    schedule = gq_schedule(options)
+    assert schedule.alpha(0) == 1.0 and schedule.alpha(100) == schedule.alpha(200) == 128.0
+    assert not schedule.hard(99) and schedule.hard(100)
+    json.dumps(options)  # recorded in qat.json as they are
+    with pytest.raises(ValueError, match="give it a QuantPlan"):
+        make_hooks("gq", None)
+    with pytest.raises(ValueError, match="anneal_fraction"):
+        gq_options(200, anneal_fraction=0)
+
+
+def test_named_and_long_plans_give_short_path_safe_run_names():
+    assert plan_label(MIXED) == "mixed-lstm1b" and run_name("rnnt_large", "gq", MIXED) == "rnnt_large-gq-mixed-lstm1b"
+    assert MIXED.to_list()[1] == ["transcriber.lstm.weight_*_l[1-9]", 1]  # the rules, not the name, are recorded
+    for bad in ("Mixed", "mixed/1b", "", "-x", "a" * (MAX_PLAN_LABEL + 1)):
+        with pytest.raises(ValueError, match="plan name"):
+            NamedPlan(bad, [("*", 4)])
+    # an unnamed plan naming every weight (an automatic plan's form) would give a label of hundreds of characters
+    names = [f"transcriber.layers.{i}.ffn1.sequential.{j}.weight" for i in range(4) for j in (1, 4)]
+    long_a, long_b = QuantPlan([(n, 2) for n in names]), QuantPlan([(n, 2) for n in names[:-1]] + [(names[-1], 3)])
+    label = plan_label(long_a)
+    assert re.fullmatch(r"8rules_[0-9a-f]{12}", label) and label == plan_label(QuantPlan([(n, 2) for n in names]))
+    assert plan_label(long_b) != label
+    assert plan_label(QuantPlan([("*", 4), ("joiner", 8)])) == "all4_joiner8"  # short labels unchanged
+    assert gq_plan_name(QuantPlan.uniform(3)) == "uniform-3" and gq_plan_name(MIXED) == "mixed-lstm1b"
+    assert gq_plan_name(NamedPlan("auto-4b", [("*", 4)])) == "auto-4b"
+
+
+def test_gq_row_packs_its_bits_and_every_weight_sits_on_its_trained_int8_levels(data):
+    result = finetune_row(data, "base", "gq", MIXED, gq_options(FINETUNE_STEPS))
+    row = result.row
+    assert result.name == "base-gq-mixed-lstm1b" and result.plan is MIXED and list(row) == list(ROW_COLUMNS)
+    assert (row["model"], row["method"], row["finetune_steps"]) == ("base", "gq", FINETUNE_STEPS)
+    model = load_model(data.profile, result.name)
+    bits = dict(MIXED.resolve(model))
+    assert bits["transcriber.lstm.weight_hh_l1"] == 1 and bits["joiner.output.weight"] == 8
+    assert bits["transcriber.lstm.weight_ih_l0"] == 4
+    numel = {name: model.get_parameter(name).numel() for name in bits}
+    assert row["bits"] == pytest.approx(sum(numel[n] * b for n, b in bits.items()) / sum(numel.values()))
+    # packed size by hand: ⌈N·b/8⌉ + 2^b LUT bytes + a float32 scale per tensor, 4 B per other deployed parameter
+    by_hand = sum(math.ceil(numel[n] * b / 8) + 2**b + 4 for n, b in bits.items()) + sum(
+        4 * p.numel() for n, p in model.named_parameters() if n not in bits and not n.startswith("ctc_head."))
+    assert row["size_bytes_packed"] == by_hand == plan_size_bytes(load_model(data.profile, "base"), MIXED)
+    spec = json.loads((model_dir(data.profile, result.name) / "qat.json").read_text())
+    assert spec["method"] == "gq" and spec["options"] == gq_options(FINETUNE_STEPS) and spec["plan"] == MIXED.to_list()
+    state = hooks_state(data.profile, result.name)
+    hooks = make_hooks("gq", MIXED, **gq_options(FINETUNE_STEPS))
+    hooks.load_state_dict(state)
+    for name, quantizer in hooks.tensors.items():
+        weight = model.get_parameter(name).detach()
+        assert quantizer.bits == bits[name] and weight.unique().numel() <= 2 ** bits[name], name
+        assert torch.isin(weight, int8_levels(*quantizer.int8_grid(weight))).all(), name
+    assert model.get_parameter("transcriber.lstm.weight_hh_l1").unique().numel() == 2  # 1 bit: two values
+
+    # notebook 04's table: plan names, the fewest bits of any weight
+    uniform = finetune_row(data, "base", "gq", QuantPlan.uniform(2), gq_options(FINETUNE_STEPS))
+    table = gq_table(data.profile, [uniform, result])
+    assert list(table.columns) == list(GQ_COLUMNS) and list(table.plan) == ["uniform-2", "mixed-lstm1b"]
+    assert list(table.min_bits) == [2, 1] and table.mean_bits.tolist() == [2, pytest.approx(row["bits"])]
+    assert table.size_bytes_packed.tolist() == [uniform.row["size_bytes_packed"], row["size_bytes_packed"]]
+    with pytest.raises(ValueError, match="not a 'gq' one"):
+        gq_table(data.profile, [finetune_row(data, "base", "fp32_control")])
+
+    # the levels before (GQ's fit to the baseline) and after (the trained state), on the int8 grid
+    (snap,) = gq_level_snapshots(data.profile, "base", uniform.name, ["transcriber.lstm.weight_ih_l0"])
+    baseline = load_model(data.profile, "base").get_parameter("transcriber.lstm.weight_ih_l0").detach()
+    start = GQQuantizer.fit(baseline, 2)
+    assert snap.bits == 2 and len(snap.before) == len(snap.after) == 4
+    assert np.allclose(snap.before, int8_levels(*start.int8_grid(baseline)).numpy())
+    assert np.array_equal(snap.weights, baseline.reshape(-1).numpy())
+    tuned = load_model(data.profile, uniform.name).get_parameter("transcriber.lstm.weight_ih_l0").detach()
+    assert np.isin(tuned.numpy(), snap.after).all() and snap.counts.sum() == tuned.numel()
+    assert snap.scale_before == pytest.approx(float(start.log_scale.detach().exp()))
+    assert len(gq_level_snapshots(data.profile, "base", result.name)) == len(bits)
+    with pytest.raises(ValueError, match="did not quantize"):
+        gq_level_snapshots(data.profile, "base", uniform.name, ["transcriber.lstm.bias_ih_l0"])
+
+
+def test_a_finished_gq_run_is_reused_and_a_changed_option_runs_again(data, capsys):
+    plan = QuantPlan.uniform(3)
+    first = finetune_row(data, "base", "gq", plan, gq_options(FINETUNE_STEPS))
+    final = model_dir(data.profile, first.name) / "final.pt"
+    written = final.stat().st_mtime_ns
+    again = finetune_row(data, "base", "gq", plan, gq_options(FINETUNE_STEPS))
+    assert again.row == first.row and final.stat().st_mtime_ns == written
+    finetune_row(data, "base", "gq", plan, gq_options(FINETUNE_STEPS, mu=8.0))
+    assert "options changed since it ran" in capsys.readouterr().out
+    assert hooks_state(data.profile, first.name)["mu"] == 8.0
+
+
+def test_sensitivities_are_measured_once_and_again_when_their_settings_change(data, monkeypatch):
+    calls = []
+    real = qat.measure_sensitivity
+
+    def counting(model, batches, bits):
+        calls.append((len(batches), tuple(bits)))
+        return real(model, batches, bits)
+
+    monkeypatch.setattr(qat, "measure_sensitivity", counting)
+    table = gq_sensitivity(data, "base", num_batches=1, bits=(1, 4, 8))
+    model = load_model(data.profile, "base")
+    assert list(table) == quantizable_parameters(model) and all(list(row) == [1, 4, 8] for row in table.values())
+    assert all(row[1] >= row[4] >= row[8] for row in table.values())  # made non-increasing in the width
+    assert gq_sensitivity(data, "base", num_batches=1, bits=(8, 4, 1)) == table and len(calls) == 1  # cached
+    gq_sensitivity(data, "base", num_batches=2, bits=(1, 4, 8))
+    gq_sensitivity(data, "base", num_batches=2, bits=(1, 4, 8), force=True)
+    assert calls == [(1, (1, 4, 8)), (2, (1, 4, 8)), (2, (1, 4, 8))]
+    long = sensitivity_table({"base": table}, {"base": model})
+    assert list(long.columns) == ["model", "tensor", "numel", "bits", "loss_increase"] and len(long) == 3 * len(table)
+
+
+def test_auto_plan_fits_the_packed_size_of_the_uniform_plan_and_spends_bits_where_loss_rises(data):
+    model = load_model(data.profile, "base")
+    names = quantizable_parameters(model)
+    # every weight loses little from fewer bits, except one that loses a lot below 8 bits
+    sensitive = "transcriber.lstm.weight_hh_l0"
+    sensitivity = {n: {b: (100.0 if n == sensitive and b < 8 else 0.01) / b for b in (1, 2, 3, 4, 8)} for n in names}
+    plan, allocation = gq_auto_plan(model, sensitivity, 3)
+    assert isinstance(plan, NamedPlan) and plan_label(plan) == "auto-3b" and gq_plan_name(plan) == "auto-3b"
+    budget = packed_bytes(model, 3, 2**3)  # by hand; the CTC head is not deployed, so not part of the budget
+    assert budget == plan_size_bytes(model, QuantPlan.uniform(3))
+    assert allocation.size_bytes == plan_size_bytes(model, plan) <= budget
+    bits = dict(plan.resolve(model))
+    assert list(bits) == names and bits[sensitive] == 8 and min(bits.values()) < 3
+    with pytest.raises(ValueError, match="below the smallest possible size"):
+        gq_auto_plan(model, {n: {4: 0.0} for n in names}, 2)
+
+
+def test_gq_claims_follow_issue_5s_targets():
+    table = pd.DataFrame([
+        {"model": "m", "plan": "uniform-6", "mean_bits": 6, "min_bits": 6, "wer_test": 20.0, "wer_delta_lo": 1.0},
+        {"model": "m", "plan": "uniform-5", "mean_bits": 5, "min_bits": 5, "wer_test": 10.1, "wer_delta_lo": -0.2},
+        {"model": "m", "plan": "uniform-2", "mean_bits": 2, "min_bits": 2, "wer_test": 10.3, "wer_delta_lo": 0.1},
+        {"model": "m", "plan": "mixed-a", "mean_bits": 3.1, "min_bits": 1, "wer_test": 10.4, "wer_delta_lo": 0.2},
+        {"model": "m", "plan": "mixed-b", "mean_bits": 3.5, "min_bits": 2, "wer_test": 50.0, "wer_delta_lo": 9.0},
+        {"model": "m", "plan": "auto-3b", "mean_bits": 2.9, "min_bits": 1, "wer_test": 10.6, "wer_delta_lo": 0.3},
+        {"model": "z", "plan": "uniform-4", "mean_bits": 4, "min_bits": 4, "wer_test": 0.0, "wer_delta_lo": 0.0},
+    ])
+    claims = gq_claims(table, {"m": 10.0, "z": 0.0})
+    assert list(claims.columns) == list(CLAIM_COLUMNS) and claims.holds.map(type).eq(bool).all()
+    # uniform-6 has no target, nor a mixed plan without 1-bit layers
+    assert set(claims.plan) == {"uniform-5", "uniform-2", "mixed-a", "auto-3b", "uniform-4"}
+    holds = claims.set_index(["model", "plan", "claim"]).holds
+    measured = claims.set_index(["model", "plan", "claim"]).measured
+    assert holds["m", "uniform-5", "not significantly worse than fp32"]
+    assert holds["m", "uniform-5", "WER within 2% relative of fp32"]  # +1%
+    assert not holds["m", "uniform-2", "not significantly worse than fp32"]
+    assert not holds["m", "uniform-2", "WER within 2% relative of fp32"]  # +3%
+    assert measured["m", "uniform-2", "WER within 2% relative of fp32"] == pytest.approx(3.0)
+    assert holds["m", "mixed-a", "1-bit layers: WER within 5% relative of fp32"]  # +4%
+    assert not holds["m", "auto-3b", "1-bit layers: WER within 5% relative of fp32"]  # +6%
+    assert holds["z", "uniform-4", "WER within 2% relative of fp32"]  # fp32 WER 0 and still 0
+
+
+def test_same_bits_table_pairs_gq_with_each_other_method_at_its_bits():
+    def with_plan(result: MethodResult, plan: QuantPlan) -> MethodResult:
+        result.plan = plan
+        return result
+
+    results = [
+        with_plan(fake_result("m", "gq", 4, ["a b c d", "e f g h"], 900), QuantPlan.uniform(4)),  # WER 0
+        with_plan(fake_result("m", "gq", 3, ["a b c d", "e f g h"], 800), MIXED),  # not uniform: no pairs
+        with_plan(fake_result("m", "s8bqat", 4, ["a b c x", "e f g h"], 900), QuantPlan.uniform(4)),  # WER 12.5
+        with_plan(fake_result("m", "s8bqat", 2, ["a b c x", "e f g h"], 500), QuantPlan.uniform(2)),  # no GQ at 2
+        with_plan(fake_result("n", "s8bqat", 4, ["a b c x", "e f g h"], 900), QuantPlan.uniform(4)),  # other model
+        with_plan(fake_result("m", "uniform_per_channel", 4, ["x b c x", "e f g h"], 950), QuantPlan.uniform(4)),
+    ]
+    table = same_bits_table(results[:2], results[2:])
+    assert list(table.columns) == list(SAME_BITS_COLUMNS)
+    assert list(zip(table.method, table.bits)) == [("s8bqat", 4), ("uniform_per_channel", 4)]
+    assert table.wer_gq.tolist() == [0.0, 0.0] and table.wer_method.tolist() == [12.5, 25.0]
+    assert (table.diff_lo <= table.diff_hi).all() and (table.diff_hi <= 0).all()
 
 
 # --- levels (notebook 02) ----------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 
 **Methods** are named hook factories in a registry: ``make_hooks(method, plan, **options)`` gives the
 :class:`sub8.train.Hooks` that fine-tune a baseline with that method (None for the fp32 control). This module
-registers the methods of issue 4 (weight-only, with a :class:`~sub8.quant.QuantPlan`) and ``native`` (issue 6:
-native integer QAT of weights and activations, with a :class:`~sub8.quant.NativePlan`); another module adds its own
-with :func:`register_method`. The hooks of a method that quantizes must have ``quantizers(model) -> {param name:
+registers the methods of issue 4 (weight-only, with a :class:`~sub8.quant.QuantPlan`), ``gq`` (issue 5: the General
+Quantizer, trainable μ-law levels, per-tensor bits from a QuantPlan, 1 bit included) and ``native`` (issue 6: native
+integer QAT of weights and activations, with a :class:`~sub8.quant.NativePlan`); another module adds its own with
+:func:`register_method`. The hooks of a method that quantizes must have ``quantizers(model) -> {param name:
 Quantizer}``: the quantizer whose ``quantize_int8`` gives each weight's device form after fine-tuning (for S8BQAT the
 fixed Lloyd-Max LUTs, restored from the run's checkpoint; for uniform and native QAT the uniform quantizer recomputed
 from the hard weights, which gives back the same codes). Evaluation runs inside the hooks' ``evaluating(model)``:
@@ -29,21 +30,30 @@ activations quantized and every matmul on integers, as the device runs it.
   0) of WER(this row) − WER(the same baseline in fp32), absolute points; an interval containing 0 means "not
   significantly different from fp32".
 
-**Runs.** A fine-tune is the model ``runs/<profile>/models/<base>-<method>-<plan>`` (e.g. ``rnnt_large-s8bqat-4b``);
+**Runs.** A fine-tune is the model ``runs/<profile>/models/<base>-<method>-<plan>`` (e.g. ``rnnt_large-s8bqat-4b``,
+``rnnt_large-gq-mixed-lstm1b``: a :class:`NamedPlan` is labelled by its name, see :func:`plan_label`);
 post-training quantization evaluates under ``<base>-ptq-<plan>``, so its cached hypotheses never mix with the
 baseline's. Each run directory holds ``qat.json``: the baseline checkpoint's digest, the method, the plan and the
 options. A run whose recorded settings differ from the ones asked for (a retrained baseline, other
 hyper-parameters) is done again: its checkpoint and cached hypotheses belong to other settings.
+
+**GQ (notebook 04).** :func:`gq_options` (the sharpness schedule scaled to the fine-tune), :func:`gq_sensitivity`
+(per-layer sensitivities, measured once per baseline and cached), :func:`gq_auto_plan` (an ``auto-<b>b`` plan: the
+least-sensitive bits within the packed size of the uniform b-bit plan), :func:`gq_table` and :func:`gq_claims` (gq.csv
+and issue 5's targets), :func:`same_bits_table` (GQ against other methods at the same bits, paired) and
+:func:`gq_level_snapshots` (levels before and after fine-tuning, for the figure).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,13 +63,17 @@ from torch import nn
 
 from sub8.data.prepare import PreparedData
 from sub8.evaluate import EvalResult, compare
-from sub8.experiment import evaluate_model, finetune, hooks_state, load_model, model_dir
+from sub8.experiment import evaluate_model, finetune, hooks_state, load_model, model_dir, train_loader
 from sub8.io import atomic_write_text, load_checkpoint
 from sub8.models import Transducer
 from sub8.profiles import Profile
 from sub8.quant import (
+    GQ,
     NATIVE_PLANS,
     S8BQAT,
+    BitAllocation,
+    GQQuantizer,
+    GQSchedule,
     NativePlan,
     NativeQAT,
     QuantizedTensor,
@@ -67,9 +81,11 @@ from sub8.quant import (
     Quantizer,
     UniformQAT,
     UniformQuantizer,
+    allocate_bits,
     export_quantized,
     hard_quantize_,
     int8_levels,
+    measure_sensitivity,
     native_plan,
     native_size,
     nearest_level,
@@ -78,6 +94,10 @@ from sub8.quant import (
     quantized_size_bytes,
     snap_to_int8_grid,
 )
+from sub8.quant.allocate import DEFAULT_BITS as ALLOCATION_BITS
+from sub8.quant.allocate import float_bytes
+from sub8.quant.allocate import packed_bytes as tensor_packed_bytes
+from sub8.quant.gq import DEFAULT_MU as GQ_DEFAULT_MU
 from sub8.quant.lloyd_max import SortedWeights, lloyd_max
 from sub8.quant.mu_law import mu_law_levels
 from sub8.quant.native import activation_sites
@@ -181,6 +201,10 @@ register_method(
     lambda plan, **o: NativeQAT(_need_plan("native", plan, NativePlan), **o),
     size=lambda model, plan, exported: int(native_size(model, plan)["total"]),
 )
+# GQ (issue 5): trainable μ-law levels per tensor, bits per tensor from the plan (1 bit included). Its options are
+# GQ's constructor arguments (gq_options gives the study's), recorded with the run. Packed size: the default rule (its
+# LUT holds 2^b int8 entries, its codes b bits each).
+register_method("gq", lambda plan, **o: GQ(_need_plan("gq", plan), **o))
 
 
 def s8bqat_options(finetune_steps: int, reg_weight: float = 1.0) -> dict[str, Any]:
@@ -214,11 +238,41 @@ def _pattern_tag(pattern: str) -> str:
     return "all" if pattern == "*" else re.sub(r"[^A-Za-z0-9.]+", "_", pattern.replace("*", "x")).strip("_")
 
 
+# A plan label longer than this is replaced by a digest form (plan_label): a run directory name must stay well under
+# the 255 bytes a file name may have, and an automatic plan names every weight (~40 rules for a Conformer).
+MAX_PLAN_LABEL = 80
+_PLAN_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+
+
+class NamedPlan(QuantPlan):
+    """A :class:`QuantPlan` with a short name, which is its label: tables (gq.csv's ``plan``) and run directories use
+    it (``rnnt_large-gq-mixed-lstm1b``). The rules, not the name, are what a run records in its ``qat.json``: the same
+    name with other rules is a changed setting and runs again.
+
+    ``name``: lower-case letters, digits, ``_``, ``.``, ``-``, starting with a letter or digit (path-safe; ``-`` is
+    fine inside a label: a run name splits into baseline and method at its first two ``-``, as baselines and methods
+    have none)."""
+
+    def __init__(self, name: str, rules: Iterable[tuple[str, int]] | dict[str, int]) -> None:
+        super().__init__(rules)
+        if not isinstance(name, str) or not _PLAN_NAME.fullmatch(name) or len(name) > MAX_PLAN_LABEL:
+            raise ValueError(f"NamedPlan: {name!r} is not a plan name (lower-case letters, digits, '_', '.', '-'; "
+                             f"at most {MAX_PLAN_LABEL} characters)")
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"NamedPlan({self.name!r}, {self.rules!r})"
+
+
 def plan_label(plan: QuantPlan | NativePlan) -> str:
     """Short, path-safe name of a plan.
 
+    - :class:`NamedPlan`: its name (``mixed-lstm1b``, ``auto-4b``).
     - QuantPlan: ``"4b"`` for every weight at 4 bits, else ``"<pattern><bits>"`` per rule joined by ``_`` (``*`` →
-      ``x``, ``"*"`` alone → ``all``), e.g. ``all4_joiner8``.
+      ``x``, ``"*"`` alone → ``all``), e.g. ``all4_joiner8``. A label longer than ``MAX_PLAN_LABEL`` characters (a
+      plan naming many weights one by one) becomes ``"<n>rules_<digest>"``: the rule count and the first 12 hex
+      digits of the SHA-256 of the rules, distinct per plan and path-safe; give such a plan a name instead
+      (:class:`NamedPlan`) to make it readable.
     - NativePlan: the name of the named plan it equals (:func:`sub8.quant.native_plan`: ``w8a8``, ``w4a8``, ``w4a4``,
       ``mixed``; ``_attnfloat`` appended when the attention products are left in float), else
       ``"<pattern>w<w_bits>a<a_bits>"`` (``<pattern>fp`` for a rule that leaves targets in float) per rule joined by
@@ -227,9 +281,15 @@ def plan_label(plan: QuantPlan | NativePlan) -> str:
         return _native_plan_label(plan)
     if not isinstance(plan, QuantPlan):
         raise TypeError(f"plan_label: no label for a {type(plan).__name__}; give a QuantPlan or a NativePlan")
+    if isinstance(plan, NamedPlan):
+        return plan.name
     if len(plan.rules) == 1 and plan.rules[0][0] == "*":
         return f"{plan.rules[0][1]}b"
-    return "_".join(f"{_pattern_tag(pattern)}{bits}" for pattern, bits in plan.rules)
+    label = "_".join(f"{_pattern_tag(pattern)}{bits}" for pattern, bits in plan.rules)
+    if len(label) <= MAX_PLAN_LABEL:
+        return label
+    digest = hashlib.sha256(json.dumps(plan.to_list()).encode()).hexdigest()[:12]
+    return f"{len(plan.rules)}rules_{digest}"
 
 
 def _native_plan_label(plan: NativePlan) -> str:
@@ -298,12 +358,14 @@ def _prepare_run(profile: Profile, name: str, spec: dict, force: bool) -> None:
 
 @dataclass
 class MethodResult:
-    """One evaluated run: ``name`` (its directory under ``runs/<profile>/models``), ``row`` (``ROW_COLUMNS``) and
-    ``test`` (per-utterance errors, for further paired comparisons)."""
+    """One evaluated run: ``name`` (its directory under ``runs/<profile>/models``), ``row`` (``ROW_COLUMNS``),
+    ``test`` (per-utterance errors, for further paired comparisons) and ``plan`` (the plan it ran; None for the fp32
+    control, or where the maker did not say)."""
 
     name: str
     row: dict[str, Any]
     test: EvalResult
+    plan: QuantPlan | NativePlan | None = None
 
 
 def fp32_result(data: PreparedData, base: str) -> EvalResult:
@@ -395,7 +457,8 @@ def finetune_row(
     fp32 = fp32 if fp32 is not None else fp32_result(data, base)
     bits = FP32_BITS if hooks is None else plan_bits(model, plan)
     size = _METHODS[method].size(model, plan, exported)
-    return MethodResult(name, _row(base, method, bits, test, fp32, size, final["step"], final["seconds"] / 60), test)
+    row = _row(base, method, bits, test, fp32, size, final["step"], final["seconds"] / 60)
+    return MethodResult(name, row, test, plan)
 
 
 def ptq_model(profile: Profile, base: str, plan: QuantPlan) -> tuple[Transducer, dict[str, Quantizer]]:
@@ -421,7 +484,7 @@ def ptq_row(
     test = evaluate_model(data, name, model)
     fp32 = fp32 if fp32 is not None else fp32_result(data, base)
     size = quantized_size_bytes(exported, model)
-    return MethodResult(name, _row(base, "ptq", plan_bits(model, plan), test, fp32, size, 0, 0.0), test)
+    return MethodResult(name, _row(base, "ptq", plan_bits(model, plan), test, fp32, size, 0, 0.0), test, plan)
 
 
 def results_table(results: Iterable[MethodResult]) -> pd.DataFrame:
@@ -498,6 +561,261 @@ def recovery_table(
     out[f"{baseline}_loss_rel_pct"], out["recovered_share"] = rel, recovered
     return out[["model", "bits", "wer_fp32", f"wer_{baseline}", f"wer_{method}", f"{baseline}_loss_rel_pct",
                 "recovered_share"]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GQ (notebook 04)
+
+GQ_COLUMNS = (
+    "model", "plan", "mean_bits", "min_bits", "wer_test", "cer_test", "size_bytes_packed", "finetune_minutes",
+    "wer_delta_lo", "wer_delta_hi",
+)
+SAME_BITS_COLUMNS = ("model", "bits", "method", "wer_gq", "wer_method", "diff_lo", "diff_hi")
+# Issue 5's targets: GQ at 5 bits and below not significantly worse than fp32 (the interval's low end ≤ 0) with its
+# point WER within 2% (relative) of fp32; a mixed plan with 1-bit layers within 5% (relative).
+GQ_CLAIM_MAX_BITS = 5
+GQ_MAX_WER_REL_PCT = 2.0
+GQ_ONE_BIT_MAX_WER_REL_PCT = 5.0
+SENSITIVITY_COLUMNS = ("model", "tensor", "numel", "bits", "loss_increase")
+
+
+def gq_options(
+    finetune_steps: int,
+    mu: float = GQ_DEFAULT_MU,
+    alpha_start: float = 1.0,
+    alpha_hard: float = 128.0,
+    anneal_fraction: float = 0.5,
+    level_lr_scale: float = 1.0,
+) -> dict[str, Any]:
+    """GQ's hyper-parameters (the :class:`sub8.quant.GQ` arguments, recorded with each run) for a fine-tune of
+    ``finetune_steps`` updates: α̂ anneals geometrically from ``alpha_start`` to ``alpha_hard`` over the first
+    ``anneal_fraction`` of the updates (at least one), hard (straight-through on the int8-grid levels) after that.
+    On the default profile's 200 updates: 100 soft, 100 hard (GQ's own default of 100 soft updates)."""
+    if not 0 < anneal_fraction <= 1:
+        raise ValueError(f"gq_options: anneal_fraction must be in (0, 1], got {anneal_fraction}")
+    return {"mu": float(mu), "alpha_start": float(alpha_start), "alpha_hard": float(alpha_hard),
+            "anneal_steps": max(1, round(finetune_steps * anneal_fraction)), "level_lr_scale": float(level_lr_scale)}
+
+
+def gq_schedule(options: Mapping[str, Any]) -> GQSchedule:
+    """The α̂ schedule GQ runs with ``options`` (:func:`gq_options`), GQ's defaults for what they leave out."""
+    return make_hooks("gq", QuantPlan.uniform(8), **options).schedule
+
+
+def gq_plan_name(plan: QuantPlan) -> str:
+    """gq.csv's ``plan``: ``uniform-<b>`` for every weight at b bits, a :class:`NamedPlan`'s name (``mixed-<name>``,
+    ``auto-<b>b``), else :func:`plan_label`."""
+    if not isinstance(plan, NamedPlan) and len(plan.rules) == 1 and plan.rules[0][0] == "*":
+        return f"uniform-{plan.rules[0][1]}"
+    return plan_label(plan)
+
+
+def plan_size_bytes(model: nn.Module, plan: QuantPlan) -> int:
+    """The packed bytes of ``model`` under ``plan`` with one codebook per tensor, as a GQ (or S8BQAT) row counts them
+    (:func:`packed_size`): per planned weight ⌈N·b/8⌉ code bytes + a 2^b-entry int8 LUT + a float32 scale, and 4
+    bytes for every other deployed parameter (not the training-only CTC head). Known before any training: the
+    budget of an automatic plan."""
+    resolved = dict(plan.resolve(model))
+    size = sum(tensor_packed_bytes(model.get_parameter(name).numel(), bits) for name, bits in resolved.items())
+    return size + float_bytes(model, resolved)
+
+
+def _sensitivity_path(profile: Profile, base: str) -> Path:
+    return profile.runs_dir / "gq" / f"sensitivity_{base}.json"
+
+
+def gq_sensitivity(
+    data: PreparedData,
+    base: str,
+    num_batches: int = 4,
+    bits: Sequence[int] = ALLOCATION_BITS,
+    seed: int = 0,
+    force: bool = False,
+) -> dict[str, dict[int, float]]:
+    """:func:`sub8.quant.measure_sensitivity` of baseline ``base``: ``{weight: {bits: training-loss increase}}`` with
+    only that weight quantized (per-tensor levels on the int8 grid), on the first ``num_batches`` training batches of
+    the loader with ``seed``, in its order (the same batches for every weight and width; unaugmented).
+
+    Cached in ``runs/<profile>/gq/sensitivity_<base>.json`` with what it was measured on (the baseline checkpoint's
+    digest, the widths, the batches); measured again when any of that changed, or with ``force``: on the default
+    profile a Conformer costs ~40 weights × 7 widths × ``num_batches`` forwards."""
+    if num_batches < 1:
+        raise ValueError(f"gq_sensitivity: num_batches must be >= 1, got {num_batches}")
+    spec = {"base": base, "base_digest": checkpoint_digest(data.profile, base), "bits": sorted(set(bits)),
+            "num_batches": num_batches, "seed": seed, "batch_frames": data.profile.batch_frames}
+    path = _sensitivity_path(data.profile, base)
+    if path.is_file() and not force:
+        cached = json.loads(path.read_text())
+        if cached["spec"] == spec:
+            return {name: {int(b): v for b, v in row.items()} for name, row in cached["sensitivity"].items()}
+    model = load_model(data.profile, base)
+    loader, batches = train_loader(data, seed), []
+    while len(batches) < num_batches:  # into the next epoch(s) when one has fewer batches (a tiny corpus)
+        batches += itertools.islice(iter(loader), num_batches - len(batches))
+    # As many CPU threads as the profile's fine-tunes use (smoke: 1; None: torch's default). On the shared 2-core
+    # machine two threads made the smoke measurement 7-15× slower than one.
+    threads = torch.get_num_threads()
+    if data.profile.finetune.get("num_threads"):
+        torch.set_num_threads(data.profile.finetune["num_threads"])
+    try:
+        table = measure_sensitivity(model, batches, spec["bits"])
+    finally:
+        torch.set_num_threads(threads)
+    atomic_write_text(path, json.dumps({"spec": spec, "sensitivity": table}, indent=1) + "\n")
+    return table
+
+
+def sensitivity_table(sensitivities: Mapping[str, Mapping[str, Mapping[int, float]]],
+                      models: Mapping[str, nn.Module]) -> pd.DataFrame:
+    """``{model: gq_sensitivity(...)}`` as a long table (``SENSITIVITY_COLUMNS``), weights in model order."""
+    rows = [{"model": model, "tensor": name, "numel": models[model].get_parameter(name).numel(), "bits": b,
+             "loss_increase": value}
+            for model, table in sensitivities.items() for name, row in table.items() for b, value in row.items()]
+    return pd.DataFrame(rows, columns=list(SENSITIVITY_COLUMNS))
+
+
+def gq_auto_plan(
+    model: nn.Module, sensitivity: Mapping[str, Mapping[int, float]], budget_bits: int
+) -> tuple[NamedPlan, BitAllocation]:
+    """The automatic plan ``auto-<budget_bits>b``: per weight the bits (among those measured) that minimise the
+    summed sensitivity (:func:`sub8.quant.allocate_bits`, exact) within the packed size of the same model with every
+    weight at ``budget_bits`` (:func:`plan_size_bytes`). Returns the plan (every measured weight named) and the
+    allocation (its bytes, the predicted loss increase).
+
+    The fixed part of the budget is the deployed float parameters, as :func:`plan_size_bytes` and the rows count
+    them (:func:`sub8.quant.allocate.float_bytes`)."""
+    budget = plan_size_bytes(model, QuantPlan.uniform(budget_bits))
+    numels = {name: model.get_parameter(name).numel() for name in sensitivity}
+    allocation = allocate_bits({k: dict(v) for k, v in sensitivity.items()}, numels, budget,
+                               fixed_bytes=float_bytes(model, numels))
+    return NamedPlan(f"auto-{budget_bits}b", list(allocation.bits.items())), allocation
+
+
+def gq_table(profile: Profile, results: Iterable[MethodResult]) -> pd.DataFrame:
+    """gq.csv (``GQ_COLUMNS``) from ``gq`` fine-tune results (:func:`finetune_row`).
+
+    ``plan``: :func:`gq_plan_name` of the result's plan; ``mean_bits``: the row's ``bits`` (:func:`plan_bits`: mean
+    over quantized weights, weighted by size); ``min_bits``: the fewest bits of any weight the run quantized (from its
+    checkpointed GQ state); the other columns are the row's."""
+    rows = []
+    for result in results:
+        row = result.row
+        if row["method"] != "gq":
+            raise ValueError(f"gq_table: {result.name} is a {row['method']!r} run, not a 'gq' one")
+        if result.plan is None:
+            raise ValueError(f"gq_table: {result.name} does not say its plan (make it with finetune_row)")
+        rows.append({
+            "model": row["model"], "plan": gq_plan_name(result.plan), "mean_bits": row["bits"],
+            "min_bits": min(hooks_state(profile, result.name)["bits"]), "wer_test": row["wer_test"],
+            "cer_test": row["cer_test"], "size_bytes_packed": row["size_bytes_packed"],
+            "finetune_minutes": row["finetune_minutes"], "wer_delta_lo": row["wer_delta_lo"],
+            "wer_delta_hi": row["wer_delta_hi"],
+        })
+    return pd.DataFrame(rows, columns=list(GQ_COLUMNS))
+
+
+def _wer_rel_pct(wer: float, fp32: float) -> float:
+    """100 · (WER − WER_fp32) / WER_fp32; with WER_fp32 = 0: 0 if WER is 0 too, else inf."""
+    return 100 * (wer - fp32) / fp32 if fp32 > 0 else (0.0 if wer == 0 else math.inf)
+
+
+def gq_claims(table: pd.DataFrame, fp32_wer: Mapping[str, float]) -> pd.DataFrame:
+    """Issue 5's targets, measured on ``table`` (:func:`gq_table`); ``fp32_wer``: each model's fp32 test WER. One row
+    per (model, plan, claim), ``CLAIM_COLUMNS``, ``holds`` a bool:
+
+    - every ``uniform-<b>`` plan with b ≤ 5: "not significantly worse than fp32" (``wer_delta_lo`` ≤ 0) and "WER
+      within 2% relative of fp32" (100 · (WER − WER_fp32) / WER_fp32 ≤ 2; with WER_fp32 = 0 only WER = 0 holds);
+    - every other plan with a 1-bit layer (``min_bits`` = 1: the mixed plans that have one, and an automatic plan
+      that chose one): "1-bit layers: WER within 5% relative of fp32".
+    Other rows have no target and are not listed."""
+    rows = []
+    for r in table.itertuples():
+        rel = _wer_rel_pct(r.wer_test, fp32_wer[r.model])
+        uniform = r.plan.startswith("uniform-")
+        if uniform and r.mean_bits <= GQ_CLAIM_MAX_BITS:
+            rows += [
+                (r.model, r.plan, "not significantly worse than fp32", "wer_delta_lo <= 0", r.wer_delta_lo,
+                 bool(r.wer_delta_lo <= 0)),
+                (r.model, r.plan, f"WER within {GQ_MAX_WER_REL_PCT:g}% relative of fp32",
+                 f"wer_rel_pct <= {GQ_MAX_WER_REL_PCT:g}", rel, bool(rel <= GQ_MAX_WER_REL_PCT)),
+            ]
+        elif not uniform and r.min_bits == 1:
+            rows.append((r.model, r.plan, f"1-bit layers: WER within {GQ_ONE_BIT_MAX_WER_REL_PCT:g}% relative of fp32",
+                         f"wer_rel_pct <= {GQ_ONE_BIT_MAX_WER_REL_PCT:g}", rel,
+                         bool(rel <= GQ_ONE_BIT_MAX_WER_REL_PCT)))
+    return pd.DataFrame(rows, columns=list(CLAIM_COLUMNS))
+
+
+def same_bits_table(gq_results: Iterable[MethodResult], others: Iterable[MethodResult]) -> pd.DataFrame:
+    """GQ against other methods at the same bits, paired on the test utterances (``SAME_BITS_COLUMNS``).
+
+    One row per pair of a GQ result and a result of another method with the same model, both with every weight at
+    the same bits (uniform plans): ``wer_gq``, ``wer_method`` (%), and ``diff_lo``, ``diff_hi``: the 95%
+    paired-bootstrap interval of WER(GQ) − WER(method), absolute points (below 0 throughout: GQ is better)."""
+    def uniform_bits(result: MethodResult) -> int | None:
+        plan = result.plan
+        if isinstance(plan, QuantPlan) and len(plan.rules) == 1 and plan.rules[0][0] == "*":
+            return plan.rules[0][1]
+        return None
+
+    others = [r for r in others if uniform_bits(r) is not None]
+    rows = []
+    for g in gq_results:
+        bits = uniform_bits(g)
+        if g.row["method"] != "gq" or bits is None:
+            continue
+        for o in others:
+            if o.row["model"] == g.row["model"] and uniform_bits(o) == bits and o.row["method"] != "gq":
+                diff = compare(g.test, o.test)
+                rows.append({"model": g.row["model"], "bits": bits, "method": o.row["method"],
+                             "wer_gq": g.row["wer_test"], "wer_method": o.row["wer_test"], "diff_lo": diff.lo,
+                             "diff_hi": diff.hi})
+    return pd.DataFrame(rows, columns=list(SAME_BITS_COLUMNS))
+
+
+@dataclass
+class LevelSnapshot:
+    """One GQ tensor's levels before and after fine-tuning, on the int8 grid (what the device runs).
+
+    ``weights``: the baseline's float weights (flattened), which GQ started from; ``before``: GQ's initial levels
+    for them (even u, least-squares s; :meth:`sub8.quant.GQQuantizer.fit`); ``after``: the trained levels (the
+    run's final s and u), where the fine-tuned weights now sit; ``counts``: how many fine-tuned weights sit on each
+    level of ``after``; ``scale_before``, ``scale_after``: s."""
+
+    tensor: str
+    bits: int
+    weights: np.ndarray
+    before: np.ndarray
+    after: np.ndarray
+    counts: np.ndarray
+    scale_before: float
+    scale_after: float
+
+
+def gq_level_snapshots(
+    profile: Profile, base: str, run: str, tensors: Sequence[str] | None = None
+) -> list[LevelSnapshot]:
+    """:class:`LevelSnapshot` of ``tensors`` (default: every tensor the run quantized) of the GQ run ``run`` of
+    baseline ``base``: the initial levels are fitted again to the baseline's weights, exactly as the run's
+    ``on_train_start`` did (the fit is deterministic), the trained ones come from the run's checkpointed state."""
+    state = hooks_state(profile, run)
+    bits = dict(zip(state["names"], state["bits"], strict=True))
+    hooks = make_hooks("gq", QuantPlan(list(bits.items())), mu=state["mu"])
+    hooks.load_state_dict(state)
+    baseline, tuned = load_model(profile, base), load_model(profile, run)
+    snapshots = []
+    for name in tensors if tensors is not None else list(bits):
+        if name not in bits:
+            raise ValueError(f"gq_level_snapshots: {run} did not quantize {name!r}; it quantized {list(bits)}")
+        w0, w1 = baseline.get_parameter(name).detach(), tuned.get_parameter(name).detach()
+        start, trained = GQQuantizer.fit(w0, bits[name], state["mu"]), hooks.tensors[name]
+        before, after = int8_levels(*start.int8_grid(w0)), int8_levels(*trained.int8_grid(w1))
+        counts = torch.bincount(nearest_level(w1, after).reshape(-1), minlength=after.numel())
+        snapshots.append(LevelSnapshot(
+            name, bits[name], w0.reshape(-1).numpy().copy(), before.numpy(), after.numpy(), counts.numpy(),
+            float(start.log_scale.detach().exp()), float(trained.log_scale.detach().exp()),
+        ))
+    return snapshots
 
 
 # ---------------------------------------------------------------------------------------------------------------

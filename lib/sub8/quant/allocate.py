@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sub8.models import deployed_parameters
 from sub8.quant.base import Quantizer, check_bits, dequantize, int8_levels
 from sub8.quant.lloyd_max import LloydMaxQuantizer
 from sub8.quant.plan import QuantPlan, quantizable_parameters
@@ -167,9 +168,10 @@ def allocate_bits(
 
 
 def float_bytes(model: nn.Module, quantized: Iterable[str]) -> int:
-    """Bytes of every parameter not in ``quantized``, kept as float32."""
+    """Bytes of every deployed parameter not in ``quantized``, kept as float32 (training-only modules such as the
+    CTC head are not stored, as in :func:`sub8.quant.quantized_size_bytes`)."""
     quantized = set(quantized)
-    return sum(4 * p.numel() for name, p in model.named_parameters() if name not in quantized)
+    return sum(4 * p.numel() for name, p in deployed_parameters(model) if name not in quantized)
 
 
 def auto_plan(
