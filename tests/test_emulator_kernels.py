@@ -5,29 +5,11 @@ from __future__ import annotations
 from fractions import Fraction
 
 import numpy as np
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from sub8.emulator import kernels as K
-
-
-def run_onnx(op: str, inputs: dict[str, np.ndarray], out_type: int, **attrs) -> np.ndarray:
-    """Run one ONNX node, built in memory, on ORT's CPU provider; inputs are fed in the node's input order."""
-    node = helper.make_node(op, list(inputs), ["y"], **attrs)
-    graph = helper.make_graph(
-        [node],
-        "g",
-        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
-         for n, v in inputs.items()],
-        [helper.make_tensor_value_info("y", out_type, None)],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 9
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, inputs)[0]
+from sub8.emulator.reference import run_onnx_node
 
 
 def rand_int8(rng: np.random.Generator, shape: tuple[int, ...], dtype=np.int8) -> np.ndarray:
@@ -45,7 +27,7 @@ def test_matmul_integer_matches_ort(batch, m, k, n, a_dtype):
     b = rand_int8(rng, (k, n)) if a_dtype == np.int8 else rng.integers(-64, 64, (k, n)).astype(np.int8)
     az = np.array(int(rng.integers(-5, 5)) + (128 if a_dtype == np.uint8 else 0), a_dtype)
     bz = np.array(-3, np.int8)
-    expected = run_onnx("MatMulInteger", {"a": a, "b": b, "az": az, "bz": bz}, TensorProto.INT32)
+    expected = run_onnx_node("MatMulInteger", {"a": a, "b": b, "az": az, "bz": bz}, TensorProto.INT32)
     got = K.matmul_integer(a, b, int(az), int(bz))
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, expected)
@@ -55,7 +37,7 @@ def test_matmul_integer_bias_and_per_column_zero_point():
     rng = np.random.default_rng(1)
     a, b = rand_int8(rng, (4, 9)), rand_int8(rng, (9, 6))
     bz = rng.integers(-4, 4, 6).astype(np.int8)
-    expected = run_onnx("MatMulInteger", {"a": a, "b": b, "az": np.array(2, np.int8), "bz": bz}, TensorProto.INT32)
+    expected = run_onnx_node("MatMulInteger", {"a": a, "b": b, "az": np.array(2, np.int8), "bz": bz}, TensorProto.INT32)
     np.testing.assert_array_equal(K.matmul_integer(a, b, 2, bz), expected)
     bias = rng.integers(-1000, 1000, 6).astype(np.int32)
     exact = (a.astype(np.int64) - 2) @ (b.astype(np.int64) - bz) + bias
@@ -76,7 +58,7 @@ def test_conv_integer_matches_ort(x_shape, w_shape, pads, strides, group):
     rng = np.random.default_rng(len(x_shape) * 100 + group)
     x, w = rand_int8(rng, x_shape, np.uint8), rand_int8(rng, w_shape)
     xz, wz = np.array(131, np.uint8), np.array(2, np.int8)  # x_zp ≠ 0 checks padding is by the zero point
-    expected = run_onnx("ConvInteger", {"x": x, "w": w, "xz": xz, "wz": wz}, TensorProto.INT32,
+    expected = run_onnx_node("ConvInteger", {"x": x, "w": w, "xz": xz, "wz": wz}, TensorProto.INT32,
                         pads=pads, strides=strides, group=group)
     spatial = len(x_shape) - 2
     padding = list(zip(pads[:spatial], pads[spatial:]))
@@ -171,7 +153,7 @@ def qlinear_inputs(rng, m, k, n, scales):
 def test_qlinear_matmul_matches_ort(m, k, n, scales):
     rng = np.random.default_rng(m * k * n)
     inputs = qlinear_inputs(rng, m, k, n, scales)
-    expected = run_onnx("QLinearMatMul", inputs, TensorProto.INT8)
+    expected = run_onnx_node("QLinearMatMul", inputs, TensorProto.INT8)
     got = K.qlinear_matmul(
         inputs["a"], float(inputs["a_scale"]), int(inputs["a_zp"]), inputs["b"], inputs["b_scale"], 0,
         float(inputs["y_scale"]), int(inputs["y_zp"]),
@@ -189,7 +171,7 @@ def test_qlinear_matmul_matches_ort_beyond_float32_integers():
     inputs["b"] = np.where(rng.random((1100, 6)) < 0.97, -128, inputs["b"]).astype(np.int8)
     acc = K.matmul_integer(inputs["a"], inputs["b"], 1, 0)
     assert (np.abs(acc) > 2**24).all() and (acc.astype(np.float32).astype(np.int64) != acc).any()
-    expected = run_onnx("QLinearMatMul", inputs, TensorProto.INT8)
+    expected = run_onnx_node("QLinearMatMul", inputs, TensorProto.INT8)
     got = K.qlinear_matmul(inputs["a"], 0.01, 1, inputs["b"], inputs["b_scale"], 0, 30.0, -2)
     np.testing.assert_array_equal(got, expected)
     assert (np.abs(expected.astype(int)) < 127).all()  # not merely saturated
@@ -201,7 +183,7 @@ def test_qlinear_matmul_ties_round_half_to_even_like_fixed_point():
     inputs = qlinear_inputs(rng, 8, 3, 8, (1.0, 0.5, 1.0))
     inputs["a"] = rng.integers(-20, 20, (8, 3)).astype(np.int8)
     inputs["b"] = rng.integers(-20, 20, (3, 8)).astype(np.int8)
-    expected = run_onnx("QLinearMatMul", inputs, TensorProto.INT8)
+    expected = run_onnx_node("QLinearMatMul", inputs, TensorProto.INT8)
     acc = K.matmul_integer(inputs["a"], inputs["b"], 1, 0)
     assert (acc % 2 == 1).sum() > 10  # many ties
     m, shift = K.quantize_multiplier(0.5)

@@ -29,6 +29,7 @@ from sub8.quant import (
     plan_quantizers,
     quantized_size_bytes,
 )
+from killing import Killed, killed_at
 
 
 def tiny_model(encoder: str = "lstm", seed: int = 0, input_dim: int = 8, vocab_size: int = 6):
@@ -240,22 +241,6 @@ def test_hooks_in_sub8_train_leave_a_plain_quantized_final_checkpoint(tmp_path, 
         assert all(group.unique().numel() <= 8 for group in groups), name
 
 
-class Killed(Exception):
-    pass
-
-
-class KilledS8BQAT(S8BQAT):
-    """Dies before update ``kill_at``, like a preempted job."""
-
-    def __init__(self, *args, kill_at: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.kill_at = kill_at
-
-    def before_step(self, step, model):
-        if step == self.kill_at:
-            raise Killed
-
-
 def test_s8bqat_resumed_in_sub8_train_ends_bit_identical(tmp_path):
     def run(run_dir, hooks, seed):
         model = tiny_model(input_dim=80, vocab_size=TOKENIZER.vocab_size, seed=seed)
@@ -266,7 +251,7 @@ def test_s8bqat_resumed_in_sub8_train_ends_bit_identical(tmp_path):
     options = dict(plan=QuantPlan.uniform(3), ramp_steps=4, compress_every=3)
     straight = run(tmp_path / "straight", S8BQAT(**options), seed=0)
     with pytest.raises(Killed):
-        run(tmp_path / "resumed", KilledS8BQAT(**options, kill_at=4), seed=0)
+        run(tmp_path / "resumed", killed_at(S8BQAT)(**options, kill_at=4), seed=0)
     # a different initialisation: the levels Lloyd-Max derives from it at on_train_start must lose to the checkpoint's
     resumed = run(tmp_path / "resumed", S8BQAT(**options), seed=1)
     for name, weight in straight.state_dict().items():

@@ -18,6 +18,7 @@ from sub8.quant.gq import GQ, GQQuantizer, GQSchedule, _owner, smallest_initial_
 from sub8.quant.mu_law import mu_law_expand, mu_law_levels
 from sub8.train import TrainConfig, train
 from test_quant_apply import TOKENIZER, CountingVF, fixed_batch, s8bqat_run, tiny_loader, tiny_model
+from killing import Killed, killed_at
 
 
 def brute_force_soft(w: torch.Tensor, levels: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -318,23 +319,6 @@ def test_gq_in_sub8_train_leaves_a_plain_quantized_final_checkpoint(tmp_path):
     assert fresh.get_parameter("joiner.output.weight").unique().numel() == 2
 
 
-class Killed(Exception):
-    pass
-
-
-class KilledGQ(GQ):
-    """Dies before update ``kill_at``, like a preempted job."""
-
-    def __init__(self, *args, kill_at: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.kill_at = kill_at
-
-    def before_step(self, step, model):
-        if step == self.kill_at:
-            raise Killed
-        super().before_step(step, model)
-
-
 def test_gq_resumed_in_sub8_train_ends_bit_identical(tmp_path):
     def run(run_dir, hooks, seed):
         model = tiny_model(input_dim=80, vocab_size=TOKENIZER.vocab_size, seed=seed)
@@ -347,7 +331,7 @@ def test_gq_resumed_in_sub8_train_ends_bit_identical(tmp_path):
     straight_hooks = GQ(**options)
     straight = run(tmp_path / "straight", straight_hooks, seed=0)
     with pytest.raises(Killed):
-        run(tmp_path / "resumed", KilledGQ(**options, kill_at=4), seed=0)
+        run(tmp_path / "resumed", killed_at(GQ)(**options, kill_at=4), seed=0)
     resumed_hooks = GQ(**options)
     # a different initialisation: the levels fitted at on_train_start must lose to the checkpoint's
     resumed = run(tmp_path / "resumed", resumed_hooks, seed=1)

@@ -41,6 +41,7 @@ from sub8.quant.native import (
     weight_scale,
 )
 from sub8.train import TrainConfig, train
+from killing import Killed, killed_at
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # The rescale acc·(s_a·s_w) + bias rounds at most three times in float32 (scale product, product, bias addition).
@@ -541,22 +542,6 @@ def tiny_loader() -> BatchLoader:
     return BatchLoader(fs, TOKENIZER, Cmvn.from_features(fs), batch_frames=120, seed=0)
 
 
-class Killed(Exception):
-    pass
-
-
-class KilledNativeQAT(NativeQAT):
-    """Dies before update ``kill_at``, like a preempted job."""
-
-    def __init__(self, *args, kill_at: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.kill_at = kill_at
-
-    def before_step(self, step, model):
-        if step == self.kill_at:
-            raise Killed
-
-
 def test_native_qat_resumed_in_sub8_train_ends_bit_identical(tmp_path):
     def run(run_dir, hooks, seed):
         # dropout on: attention dropout on the integer codes draws from the RNG the checkpoint restores
@@ -568,7 +553,7 @@ def test_native_qat_resumed_in_sub8_train_ends_bit_identical(tmp_path):
     plan = native_plan("w4a8")
     straight, final = run(tmp_path / "straight", NativeQAT(plan), seed=0)
     with pytest.raises(Killed):
-        run(tmp_path / "resumed", KilledNativeQAT(plan, kill_at=4), seed=0)
+        run(tmp_path / "resumed", killed_at(NativeQAT)(plan, kill_at=4), seed=0)
     resumed, resumed_final = run(tmp_path / "resumed", NativeQAT(plan), seed=0)
     for name, weight in straight.state_dict().items():
         assert torch.equal(weight, resumed.state_dict()[name]), name

@@ -62,6 +62,7 @@ from sub8.data.prepare import PreparedData
 from sub8.emulator import device as dev
 from sub8.emulator import kernels as K
 from sub8.emulator import program as prog
+from sub8.emulator.reference import run_onnx_node
 from sub8.evaluate import EvalResult, decode, score_feature_set
 from sub8.experiment import evaluate_model, hooks_state, load_model, model_dir
 from sub8.io import atomic_write_text
@@ -588,27 +589,6 @@ def sweep_comparisons(
 # ---------------------------------------------------------------------------------------------------------------
 # Bit-exactness against ONNX Runtime (a few random cases, for the notebook; tests/test_emulator_kernels.py has more)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def run_onnx_node(op: str, inputs: Mapping[str, np.ndarray], out_type: int, **attrs: Any) -> np.ndarray:
-    """Run one ONNX node (default domain, opset 13), built in memory, on ONNX Runtime's CPU provider, one thread;
-    ``inputs`` are fed in the node's input order."""
-    import onnxruntime as ort
-    from onnx import helper
-
-    node = helper.make_node(op, list(inputs), ["y"], **attrs)
-    graph = helper.make_graph(
-        [node], "g",
-        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
-         for n, v in inputs.items()],
-        [helper.make_tensor_value_info("y", out_type, None)],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 9
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, dict(inputs))[0]
 
 
 def _full_range(rng: np.random.Generator, shape: tuple[int, ...], dtype: type = np.int8) -> np.ndarray:
