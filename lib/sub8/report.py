@@ -33,6 +33,8 @@ def to_markdown(df: pd.DataFrame, float_digits: int = 4) -> str:
     """A GitHub-flavoured Markdown table (pandas' own needs the optional ``tabulate`` package)."""
 
     def cell(v) -> str:
+        if v is None or v is pd.NA or (isinstance(v, float) and v != v):
+            return ""  # missing (not measured, not applicable): blank, as a reader expects, not "nan"
         if isinstance(v, float):
             return f"{v:.{float_digits}g}"
         return str(v).replace("|", "\\|")
