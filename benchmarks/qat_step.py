@@ -20,7 +20,7 @@ at the given bits.
 
 Memory (GQ): per configuration in a fresh process, so no earlier allocation is counted: on CUDA the allocator's peak
 (torch.cuda.max_memory_allocated) over 3 training steps, model and optimizer state included; on the CPU the
-process's peak resident set size (ru_maxrss) minus the resident size just before the model is built, i.e. weights,
+process's peak resident set size (VmHWM, reset just before the model is built) minus the resident size then, i.e. weights,
 gradients, AdamW state, activations, GQ's s/u/cells and scratch, plus allocator slack; as the ratio to the fp32 run
 measured the same way.
 """
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -103,9 +102,20 @@ def native_step(model: nn.Module, batch: Batch, plan: str) -> float:
     return time_train_step(model, batch)
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def status_bytes(field: str) -> int:
+    """A size field of /proc/self/status (``VmRSS``: resident now; ``VmHWM``: peak resident), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> None:
+    """Make VmHWM start again from the current resident size (Linux: "5" to clear_refs), so the peak counts only
+    what follows: without it the peak of importing torch hid the training peak (every ratio read 1.000)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def memory_child(profile_name: str, model_name: str, bits: int, threads: int) -> None:
@@ -119,7 +129,8 @@ def memory_child(profile_name: str, model_name: str, bits: int, threads: int) ->
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
     else:
-        start = rss_bytes()
+        reset_peak_rss()
+        start = status_bytes("VmRSS")
     model = baseline_model(prof, model_name, device)
     hooks = with_gq(model, bits, step=1) if bits else None
     model.train()
@@ -135,7 +146,7 @@ def memory_child(profile_name: str, model_name: str, bits: int, threads: int) ->
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - start
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start  # ru_maxrss is in KiB on Linux
+        peak = status_bytes("VmHWM") - start
     print(json.dumps({"peak_bytes": peak}))
 
 
