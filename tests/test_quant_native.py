@@ -10,9 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sub8.data.batching import BatchLoader
-from sub8.data.features import Cmvn, FeatureSet
-from sub8.data.tokenizer import build_tokenizer
 from sub8.io import load_checkpoint
 from sub8.models import PRESETS, TransducerConfig, build_model
 from sub8.models.conformer import SelfAttention
@@ -42,6 +39,7 @@ from sub8.quant.native import (
 )
 from sub8.train import TrainConfig, train
 from killing import Killed, killed_at
+from test_quant_apply import TOKENIZER, tiny_loader
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # The rescale acc·(s_a·s_w) + bias rounds at most three times in float32 (scale product, product, bias addition).
@@ -524,23 +522,6 @@ def test_native_size_counts_packed_codes_scales_and_activation_sites():
 
 
 # --- through sub8.train -------------------------------------------------------------------------------------------
-
-TEXTS = ["one two", "three", "two one", "four", "one", "three four"]
-TOKENIZER = build_tokenizer("char", TEXTS)
-
-
-def tiny_loader() -> BatchLoader:
-    gen = torch.Generator().manual_seed(0)
-    lengths = torch.randint(20, 40, (len(TEXTS),), generator=gen)
-    fs = FeatureSet(
-        feats=torch.randn(int(lengths.sum()), 80, generator=gen).half(),
-        offsets=torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]),
-        utt_ids=[f"u{i}" for i in range(len(TEXTS))],
-        texts=list(TEXTS),
-        meta=[{"speaker": None} for _ in TEXTS],
-    )
-    return BatchLoader(fs, TOKENIZER, Cmvn.from_features(fs), batch_frames=120, seed=0)
-
 
 def test_native_qat_resumed_in_sub8_train_ends_bit_identical(tmp_path):
     def run(run_dir, hooks, seed):
