@@ -344,6 +344,17 @@ def _missing(tables: Mapping[str, pd.DataFrame | None], *keys: str) -> str | Non
     return "; ".join(f"{TABLES[k]} missing (notebook {stages[k]} not run)" for k in gone)
 
 
+def _device_rows(tables: Mapping[str, pd.DataFrame | None], preset: str) -> tuple[pd.DataFrame | None, str | None]:
+    """(device.csv's rows at ``preset``, None), or (None, why a device claim cannot be measured)."""
+    missing = _missing(tables, "device")
+    if missing:
+        return None, missing
+    device = device_at(tables, preset)
+    if device is None:
+        return None, f"device.csv has no rows at preset {preset}"
+    return device, None
+
+
 def _fp32_wer(tables: Mapping[str, pd.DataFrame | None]) -> dict[str, float]:
     baseline = _get(tables, "baseline")
     return {} if baseline is None else baseline.set_index("model").wer_test.to_dict()
@@ -394,12 +405,9 @@ def _s8bqat_trade(tables) -> tuple[str, str, str]:
 def _s8bqat_latency(tables, preset: str) -> tuple[str, str, str]:
     """The same trade on the device: per-frame latency of the large model's S8BQAT run below 8 bits (the most
     accurate one within the small 8-bit model's footprint) ÷ the small model's 8-bit QAT run."""
-    missing = _missing(tables, "device")
+    device, missing = _device_rows(tables, preset)
     if missing:
         return verdict([], missing=missing)
-    device = device_at(tables, preset)
-    if device is None:
-        return verdict([], missing=f"device.csv has no rows at preset {preset}")
     pairs = _pairs(device.model.unique())
     comp = ds.s8bqat_comparison(device, pairs)
     findings = []
@@ -449,12 +457,9 @@ def _recovery(tables) -> tuple[str, str, str]:
 
 def _gq_device(tables, preset: str, plan: str, what: str) -> tuple[str, str, str]:
     """GQ at ``plan`` vs 8-bit QAT on the device: ``what`` = "memory" (footprint) or "upl" (UPL p50)."""
-    missing = _missing(tables, "device")
+    device, missing = _device_rows(tables, preset)
     if missing:
         return verdict([], missing=missing)
-    device = device_at(tables, preset)
-    if device is None:
-        return verdict([], missing=f"device.csv has no rows at preset {preset}")
     comp = ds.reduction_table(device, "gq", [plan])
     findings = []
     for model in device.model.unique():
