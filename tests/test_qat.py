@@ -25,6 +25,7 @@ from sub8.io import atomic_torch_save
 from sub8.qat import (
     CENTROID_COLUMNS,
     CLAIM_COLUMNS,
+    CONTROL_COLUMNS,
     GQ_COLUMNS,
     MAX_PLAN_LABEL,
     NATIVE_COLUMNS,
@@ -36,6 +37,7 @@ from sub8.qat import (
     NamedPlan,
     centroid_summary,
     centroid_table,
+    control_table,
     finetune_row,
     gq_auto_plan,
     gq_claims,
@@ -496,6 +498,20 @@ def test_same_bits_table_pairs_gq_with_each_other_method_at_its_bits():
     assert list(zip(table.method, table.bits)) == [("s8bqat", 4), ("uniform_per_channel", 4)]
     assert table.wer_gq.tolist() == [0.0, 0.0] and table.wer_method.tolist() == [12.5, 25.0]
     assert (table.diff_lo <= table.diff_hi).all() and (table.diff_hi <= 0).all()
+
+
+def test_control_table_pairs_each_run_with_its_models_fp32_control():
+    controls = {"m": fake_result("m", "fp32_control", 32, ["a b c x", "e f g h"], 4000),  # WER 12.5
+                "n": fake_result("n", "fp32_control", 32, ["a b c d", "e f g h"], 4000)}  # WER 0
+    results = [fake_result("m", "native", 4, ["a b c d", "e f g h"], 500),  # better than its control
+               fake_result("n", "native", 4, ["x b c x", "e f g h"], 500)]  # worse than its control
+    results[0].plan = QuantPlan.uniform(4)
+    table = control_table(results, controls)
+    assert list(table.columns) == list(CONTROL_COLUMNS)
+    assert table.wer_control.tolist() == [12.5, 0.0] and table.plan.tolist() == ["4b", ""]
+    assert table.diff_hi[0] <= 0 <= table.diff_lo[1]
+    with pytest.raises(ValueError, match="not an fp32_control run"):
+        control_table(results, {"m": results[0], "n": results[1]})
 
 
 # --- levels (notebook 02) ----------------------------------------------------------------------------------------

@@ -773,6 +773,29 @@ def same_bits_table(gq_results: Iterable[MethodResult], others: Iterable[MethodR
     return pd.DataFrame(rows, columns=list(SAME_BITS_COLUMNS))
 
 
+CONTROL_COLUMNS = ("model", "method", "plan", "wer_test", "wer_control", "diff_lo", "diff_hi")
+
+
+def control_table(results: Iterable[MethodResult], controls: Mapping[str, MethodResult]) -> pd.DataFrame:
+    """Each result against its model's **fp32 control** (the baseline fine-tuned in fp32 for the same updates:
+    ``finetune_row(data, model, "fp32_control")``), paired on the test utterances (``CONTROL_COLUMNS``).
+
+    A quantized run better than the fp32 baseline may only show that the baseline had not converged; against the
+    control, the same extra training is on both sides. ``diff_lo``, ``diff_hi``: the 95% paired-bootstrap interval
+    of WER(result) − WER(control), absolute points; ``plan``: :func:`plan_label` (empty without a plan)."""
+    rows = []
+    for r in results:
+        model = r.row["model"]
+        control = controls[model]
+        if control.row["method"] != "fp32_control":
+            raise ValueError(f"control_table: {control.name} is not an fp32_control run")
+        diff = compare(r.test, control.test)
+        rows.append({"model": model, "method": r.row["method"], "plan": plan_label(r.plan) if r.plan else "",
+                     "wer_test": r.row["wer_test"], "wer_control": control.row["wer_test"], "diff_lo": diff.lo,
+                     "diff_hi": diff.hi})
+    return pd.DataFrame(rows, columns=list(CONTROL_COLUMNS))
+
+
 @dataclass
 class LevelSnapshot:
     """One GQ tensor's levels before and after fine-tuning, on the int8 grid (what the device runs).
