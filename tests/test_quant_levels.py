@@ -22,6 +22,7 @@ from sub8.quant import (
     nearest_level,
     snap_to_int8_grid,
 )
+from sub8.quant.lloyd_max import SortedWeights, lloyd
 from sub8.quant.mu_law import mu_law_compress, mu_law_expand, mu_law_levels
 
 
@@ -134,6 +135,31 @@ def test_lloyd_max_reseeds_empty_cells_and_handles_few_distinct_values():
     two_values = torch.tensor([0.0, 1.0]).repeat(50)
     levels = LloydMaxQuantizer(3).levels(two_values)
     assert torch.isfinite(levels).all() and set(levels.unique().tolist()) == {0.0, 1.0}
+
+
+def test_sorted_weights_are_the_float64_sort_of_any_float_precision():
+    # narrower floats sort before widening; with zeros, whose signs each sort chooses, as a float64 sort gives them
+    gen = torch.Generator().manual_seed(4)
+    signed_zeros = torch.round(torch.randn(5000, generator=gen) * 4) / 4  # many 0.0 and -0.0
+    assert torch.signbit(signed_zeros[signed_zeros == 0]).unique().numel() == 2
+    for w in (sample("trained"), signed_zeros, signed_zeros.abs(), signed_zeros.half(), signed_zeros.bfloat16()):
+        x = np.sort(w.double().numpy())
+        prefix = np.stack([np.concatenate([[0.0], np.cumsum(x)]), np.arange(x.size + 1.0),
+                           np.concatenate([[0.0], np.cumsum(x * x)])], axis=1)
+        sw = SortedWeights.of(w)
+        for got, want in ((sw.x, x), (sw.prefix, prefix)):
+            assert np.array_equal(got, want) and np.array_equal(np.signbit(got), np.signbit(want))
+
+
+def test_lloyd_returns_the_distortion_of_its_levels():
+    # lloyd's distortion comes from its last iteration's cells, computed in place; also with cells re-seeded
+    w = sample("trained")
+    mostly_zero = torch.cat([torch.zeros(970), torch.linspace(1.0, 3.0, 30)])
+    for v, k in ((w, 2), (w, 16), (mostly_zero, 8)):
+        sw, x = SortedWeights.of(v), v.double().numpy()
+        levels, distortion = lloyd(sw, sw.quantiles((np.arange(k) + 0.5) / k), max_iter=100, tol=1e-6)
+        direct = ((x - levels[np.abs(x[:, None] - levels).argmin(1)]) ** 2).sum()
+        assert np.all(levels[1:] >= levels[:-1]) and distortion == pytest.approx(direct, rel=1e-9, abs=1e-12)
 
 
 def test_fixed_levels_keeps_its_int8_grid():

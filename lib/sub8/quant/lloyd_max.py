@@ -4,8 +4,9 @@ Lloyd iteration: alternate ``t_k = (c_k + c_{k+1}) / 2`` and ``c_k = E[w | t_{k-
 distortion falls by less than ``tol`` (relative) in one iteration, or ``max_iter``. Vectorised over ONE sorted copy
 of the weights (:class:`SortedWeights`, shared by all bit widths of a tensor): cell boundaries are
 ``searchsorted(sorted_w, t)``, cell means, squared errors and the distortion are differences of prefix sums, so an
-iteration costs O(K log N); the O(N log N) sort is paid once. Prefix sums are float64 (a million weights keep their
-precision).
+iteration costs O(K log N) (one ``searchsorted``: the cells of the levels give both their distortion, for the
+stopping test, and the next levels); the O(N log N) sort is paid once. Prefix sums are float64 (a million weights
+keep their precision).
 
 Two starts, the better result kept: the quantiles at (k + ½) / K (as many weights in every cell; good at small K),
 and the quantiles of p(w)^(1/3) (the optimal point density as K grows, Panter-Dite; from the quantile start Lloyd
@@ -35,21 +36,31 @@ from sub8.quant.base import Quantizer
 
 @dataclass
 class SortedWeights:
-    """The flattened weights sorted once, with prefix sums of w and w² (each (N+1,), float64, leading 0).
+    """The flattened weights sorted once, with prefix sums of w, of 1 (the count) and of w², the columns of
+    ``prefix`` ((N+1, 3), float64, leading row 0): one gather of ``prefix`` at the cell boundaries gives every
+    cell's sum, count and sum of squares at once, each boundary's three adjacent in memory.
 
     NumPy arrays: an iteration works on K-sized arrays, where NumPy's per-call overhead is a few times smaller
     than torch's, and that overhead is most of the cost of a Lloyd iteration."""
 
     x: np.ndarray
-    csum: np.ndarray
-    csum2: np.ndarray
+    prefix: np.ndarray
 
     @classmethod
     def of(cls, w: torch.Tensor) -> SortedWeights:
-        x = np.sort(w.detach().reshape(-1).double().cpu().numpy())
+        x = _sorted_float64(w.detach().reshape(-1).cpu())
         if x.size == 0:
             raise ValueError("Lloyd-Max: empty tensor")
-        return cls(x, np.concatenate([[0.0], np.cumsum(x)]), np.concatenate([[0.0], np.cumsum(x * x)]))
+        prefix = np.zeros((x.size + 1, 3))
+        np.cumsum(x, out=prefix[1:, 0])
+        prefix[:, 1] = np.arange(x.size + 1)
+        np.cumsum(x * x, out=prefix[1:, 2])
+        return cls(x, prefix)
+
+    @property
+    def csum(self) -> np.ndarray:
+        """(N+1,) prefix sums of w."""
+        return self.prefix[:, 0]
 
     def cells(self, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[lo, hi) index range of every level's cell in the sorted weights; each (K,)."""
@@ -62,13 +73,7 @@ class SortedWeights:
     def sse(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """Squared error of each range about its mean."""
         s = self.csum[hi] - self.csum[lo]
-        return (self.csum2[hi] - self.csum2[lo]) - s * s / np.maximum(hi - lo, 1)
-
-    def distortion(self, levels: np.ndarray) -> float:
-        """Total squared error of quantizing to ``levels``: Σ over cells of Σ (w − c_k)², from the prefix sums."""
-        lo, hi = self.cells(levels)
-        s1, s2 = self.csum[hi] - self.csum[lo], self.csum2[hi] - self.csum2[lo]
-        return float(np.sum(s2 - 2 * levels * s1 + (hi - lo) * levels**2))
+        return (self.prefix[hi, 2] - self.prefix[lo, 2]) - s * s / np.maximum(hi - lo, 1)
 
     def quantiles(self, q: np.ndarray) -> np.ndarray:
         """The weights at quantiles ``q`` in [0, 1) (as many weights in every cell)."""
@@ -85,21 +90,68 @@ class SortedWeights:
         return np.interp(q, cdf / cdf[-1], edges)
 
 
-def lloyd(sw: SortedWeights, levels: np.ndarray, max_iter: int, tol: float) -> np.ndarray:
-    """Lloyd iterations from sorted ``levels`` (K,) until the distortion falls by less than ``tol`` (relative) in
-    an iteration; returns sorted levels."""
-    distortion = sw.distortion(levels)
+def _sorted_float64(flat: torch.Tensor) -> np.ndarray:
+    """``flat`` as float64, sorted. Floats narrower than float64 sort as float32 (twice as fast) and widen after,
+    which gives the same values in the same order, but for zeros: NumPy's vectorised sorts choose the signs of
+    equal zeros freely (the float64 sort can even return more -0.0 than it was given), and the two sorts choose
+    differently. So tensors with zeros sort in float64 as before: even the signs of zero levels stay as they were."""
+    if flat.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return np.sort(flat.double().numpy())
+    x = np.sort(flat.float().numpy()).astype(np.float64)
+    if x.searchsorted(0.0, "left") < x.searchsorted(0.0, "right"):
+        return np.sort(flat.double().numpy())
+    return x
+
+
+def lloyd(sw: SortedWeights, start: np.ndarray, max_iter: int, tol: float) -> tuple[np.ndarray, float]:
+    """Lloyd iterations from sorted levels ``start`` (K,) until the distortion falls by less than ``tol``
+    (relative) in an iteration; returns the sorted levels and their distortion.
+
+    The cells of the levels serve twice: for their distortion (the stopping test) and for the next levels (the
+    cell means), so an iteration does one ``searchsorted``. The work is in-place NumPy calls on buffers and views
+    made once, since per-call overhead is most of an iteration's cost. Every value takes the same operations in
+    the same order as the expressions in the comments (the plain formulas), so the levels do not change by a bit."""
+    x, prefix, k = sw.x, sw.prefix, start.size
+    two = np.array(2.0)  # a 0-d array: a Python scalar costs a conversion in every call
+    levels = start.astype(np.float64)  # a copy, updated in place
+    upper, lower = levels[1:], levels[:-1]
+    thresholds = np.empty(k - 1)
+    # prefix rows at the cell boundaries; the first (0) and the last (N) never move
+    at_bounds = np.empty((k + 1, 3))
+    at_bounds[0], at_bounds[-1] = prefix[0], prefix[-1]
+    at_inner, at_hi, at_lo = at_bounds[1:-1], at_bounds[1:], at_bounds[:-1]
+    cell_stats = np.empty((k, 3))
+    s1, count, s2 = cell_stats.T  # per cell: Σw, the count n, Σw²
+    error, square = np.empty(k), np.empty(k)
+
+    def assess() -> float:
+        """Cells of the levels (into ``cell_stats``) and their distortion."""
+        np.add(upper, lower, thresholds)
+        np.divide(thresholds, two, thresholds)  # t = (c[1:] + c[:-1]) / 2
+        # the indices lie in [0, N]: "clip" changes none, and spares copying out through a buffer
+        prefix.take(x.searchsorted(thresholds), axis=0, out=at_inner, mode="clip")
+        np.subtract(at_hi, at_lo, cell_stats)  # prefix[hi] - prefix[lo]
+        np.multiply(levels, two, error)
+        np.multiply(error, s1, error)
+        np.subtract(s2, error, error)  # s2 - 2 * c * s1
+        np.multiply(levels, levels, square)
+        np.multiply(square, count, square)  # n * c**2
+        np.add(error, square, error)  # s2 - 2 * c * s1 + n * c**2
+        return float(np.add.reduce(error))
+
+    distortion = assess()
     for _ in range(max_iter):
-        lo, hi = sw.cells(levels)
-        new = np.where(hi > lo, sw.mean(lo, hi), levels)
-        empty = np.flatnonzero(hi == lo)
-        if empty.size:
-            new = _reseed(sw, new, empty, lo, hi)
-        levels = np.sort(new)
-        previous, distortion = distortion, sw.distortion(levels)
+        if count.all():
+            np.divide(s1, count, levels)  # the cell means
+        else:
+            lo, hi = sw.cells(levels)
+            new = np.where(hi > lo, sw.mean(lo, hi), levels)
+            levels[:] = _reseed(sw, new, np.flatnonzero(hi == lo), lo, hi)
+        levels.sort()
+        previous, distortion = distortion, assess()
         if previous - distortion <= tol * previous:
             break
-    return levels
+    return levels, distortion
 
 
 def _reseed(sw: SortedWeights, levels: np.ndarray, empty: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -142,8 +194,7 @@ def lloyd_max(
     """(K,) sorted float32 levels: Lloyd from two starts, then merge-and-split refinement (module docstring)."""
     q = (np.arange(num_levels) + 0.5) / num_levels
     starts = (sw.quantiles(q), np.sort(sw.cube_root_quantiles(q)))
-    levels = min((lloyd(sw, start, max_iter, tol) for start in starts), key=sw.distortion)
-    best = sw.distortion(levels)
+    levels, best = min((lloyd(sw, start, max_iter, tol) for start in starts), key=lambda result: result[1])
     moves = 0
     improved = num_levels > 2
     while improved and moves < max_moves:
@@ -151,10 +202,11 @@ def lloyd_max(
         lo, hi = sw.cells(levels)
         sse = sw.sse(lo, hi)
         merge_cost = sw.sse(lo[:-1], hi[1:]) - sse[:-1] - sse[1:]
+        largest = np.argsort(-sse, kind="stable")[: tries + 2]
         candidates = [
             (int(j), int(s))
             for j in np.argsort(merge_cost, kind="stable")[:tries]
-            for s in np.argsort(-sse, kind="stable")[: tries + 2]
+            for s in largest
             if s not in (j, j + 1)
         ]
         for j, s in candidates[: max_moves - moves]:
@@ -162,8 +214,7 @@ def lloyd_max(
             if start is None:
                 continue
             moves += 1
-            trial = lloyd(sw, start, max_iter, tol)
-            distortion = sw.distortion(trial)
+            trial, distortion = lloyd(sw, start, max_iter, tol)
             if distortion < best * (1 - 1e-9):
                 levels, best, improved = trial, distortion, True
                 break
