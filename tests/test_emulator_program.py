@@ -390,18 +390,6 @@ def test_packed_file_round_trip_rebuilds_the_same_program(uniform8, test_set, tm
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_the_conformer_is_a_clear_error():
-    torch.manual_seed(0)
-    model = build_model(TransducerConfig(encoder="conformer", vocab_size=VOCAB, input_dim=DIM, conformer_dim=8,
-                                         conformer_layers=1, conformer_heads=2, conformer_ffn_dim=16,
-                                         conformer_conv_kernel=3, conformer_chunk_frames=2,
-                                         conformer_subsampling_channels=2, pred_embed_dim=4, pred_hidden=8,
-                                         joiner_dim=8, dropout=0.0)).eval()
-    _, exported = quantize(model, lambda b: UniformQuantizer(b), 8)
-    with pytest.raises(prog.ConversionError, match="Conformer.*out of scope"):
-        prog.to_integer_program(model, exported, synth(2, seed=2)[0])
-
-
 def test_missing_extra_and_unsupported_pieces_are_clear_errors(uniform8):
     model, exported, _ = uniform8
     calibration = synth(2, seed=2)[0]

@@ -26,10 +26,10 @@ disk (how GQ's mixed plans, whose labels are not known in advance, are picked up
   through the LUT decompressor, native QAT's too (its LUT is the identity table of its uniform codes, ≤ 256 bytes
   a tensor), so all methods run on the same device.
 - ``wer_int``: test WER (%) of the **integer program** (:func:`sub8.emulator.program.to_integer_program`: int8
-  weights and activations, int32 accumulation, integer LSTM and LayerNorm, calibrated on the dev split), for the
-  RNN-T runs (those asked for: the integer decode is the expensive step). **NaN for the Conformer** (no converter:
-  :mod:`sub8.emulator.program` converts the RNN-T only), for fp32 (no integer weights) and for RNN-T runs not
-  decoded; the ``note`` column says which.
+  weights and activations, int32 accumulation, integer LSTM, attention, LayerNorm and SiLU/GLU tables, calibrated
+  on the dev split; the Conformer's encoder in :mod:`sub8.emulator.conformer_program`), for the runs asked for (the
+  integer decode is the expensive step). NaN for fp32 (no integer weights) and for runs not decoded; the ``note``
+  column says which.
 - Extra columns: ``run`` (the run directory), ``run_method`` (the registry's method name), ``wer_fq`` (the run's
   own test WER: hard-quantized weights as notebook 03/04/05 evaluated them — for native QAT with its quantized
   activations; fp32: the baseline's WER), ``note``.
@@ -89,7 +89,6 @@ WER_INT_TOLERANCE = 0.5  # issue 7: |WER(integer) − WER(fake-quant)| ≤ 0.5 a
 # The GQ seed's figures (issue 7): GQ at 5 bits vs 8-bit QAT on the default preset.
 GQ_MEMORY_TARGET_PCT = 30.73
 GQ_UPL_TARGET_PCT = 31.75
-NOTE_CONFORMER = "no integer program for the Conformer (program.py converts the RNN-T only): wer_int NaN"
 NOTE_FP32 = "float32 weights: no integer program, wer_int NaN"
 NOTE_NOT_DECODED = "integer program not decoded for this run (not among the runs asked for): wer_int NaN"
 INT_CACHE = "eval_int_test"  # <run>/eval_int_test.csv (+ .json): the integer program's test hypotheses
@@ -182,7 +181,7 @@ class DeviceRun:
         work: the device workload of ``model`` with ``exported``.
         utterances: the test split as the device streams it (durations, the run's token counts).
         fake_quant: the run's test result (its cached hypotheses).
-        integer: the integer program's test result (RNN-T runs with quantized weights; else None).
+        integer: the integer program's test result (runs with quantized weights that were decoded; else None).
     """
 
     spec: RunSpec
@@ -196,15 +195,9 @@ class DeviceRun:
     integer: EvalResult | None = None
 
     @property
-    def is_rnnt(self) -> bool:
-        return self.model.config.encoder == "lstm"
-
-    @property
     def note(self) -> str:
         if self.spec.method == FP32:
             return NOTE_FP32
-        if not self.is_rnnt:
-            return NOTE_CONFORMER
         return "" if self.integer is not None else NOTE_NOT_DECODED
 
 
@@ -288,9 +281,9 @@ def integer_result(
     data: PreparedData, spec: RunSpec, model: nn.Module, exported: Mapping[str, Any], *, force: bool = False,
     calibration_utterances: int = CALIBRATION_UTTERANCES,
 ) -> EvalResult:
-    """Test result of the run's integer program (an RNN-T with quantized weights), converted with the default
-    settings of :func:`sub8.emulator.program.to_integer_program` (percentile 99.99, hidden states at their bound,
-    half-to-even) and calibrated on ``calibration_utterances`` dev utterances.
+    """Test result of the run's integer program (a model with quantized weights), converted with the default
+    settings of :func:`sub8.emulator.program.to_integer_program` (percentile 99.99, RNN-T hidden states at their
+    bound, half-to-even) and calibrated on ``calibration_utterances`` dev utterances.
 
     The hypotheses are cached in the run's directory (``eval_int_test.csv``, with the settings in
     ``eval_int_test.json``: the weights' digest included, so a retrained run is decoded again; the name matches the
@@ -315,11 +308,11 @@ def prepare_runs(
     data: PreparedData, specs: Iterable[RunSpec], *, integer_wer: bool | Collection[str] = True,
     force: bool = False, max_audio_s: float | None = None, calibration_utterances: int = CALIBRATION_UTTERANCES,
 ) -> list[DeviceRun]:
-    """Load every run, build its workload and streaming utterances, read its test result, and convert the RNN-T
-    runs with quantized weights to integer programs and decode the test split with them (cached; ``force`` decodes
+    """Load every run, build its workload and streaming utterances, read its test result, and convert the runs
+    with quantized weights to integer programs and decode the test split with them (cached; ``force`` decodes
     again). ``integer_wer``: True for every such run, False for none, or the run names (:attr:`RunSpec.name`) to
-    convert (the integer decode is the expensive step: ~0.015 × the audio per run, see
-    :mod:`sub8.emulator.program`)."""
+    convert (the integer decode is the expensive step: ~0.015-0.02 × the audio per run, see
+    :mod:`sub8.emulator.program` and :mod:`sub8.emulator.conformer_program`)."""
     durations = split_durations_s(data)
     max_audio_s = max_audio_s or max(MAX_AUDIO_S, math.ceil(float(durations.max())))
     runs = []
@@ -331,7 +324,7 @@ def prepare_runs(
         run = DeviceRun(spec, model, exported, hooks, FP32_BITS if plan is None else plan_bits(model, plan), work,
                         streaming_utterances(durations, tokens), fq)
         wanted = integer_wer if isinstance(integer_wer, bool) else spec.name in set(integer_wer)
-        if wanted and run.is_rnnt and exported:
+        if wanted and exported:
             run.integer = integer_result(data, spec, model, exported, force=force,
                                          calibration_utterances=calibration_utterances)
         runs.append(run)

@@ -1,8 +1,10 @@
-"""A quantized RNN-T as an integer program for the int8 accelerator, and its greedy decoding.
+"""A quantized transducer as an integer program for the int8 accelerator, and its greedy decoding.
 
-Scope: the **RNN-T** (``encoder="lstm"``: LSTM transcriber, predictor, joiner). The Conformer transducer is out of
-scope for this step: its layers have integer kernels (:mod:`sub8.emulator.kernels`: conv, layer norm, softmax, GLU,
-SiLU) but no converter here, and :func:`to_integer_program` refuses it with a :class:`ConversionError`.
+Scope: the **RNN-T** (``encoder="lstm"``: LSTM transcriber, predictor, joiner) here, and the **Conformer
+transducer** (``encoder="conformer"``), whose integer encoder is :mod:`sub8.emulator.conformer_program`; the
+predictor, the joiner, the greedy search, the calibration rule, the conversion of the weights and the packed file
+are this module's and serve both (:func:`to_integer_program` and :func:`build_program` take either). What follows
+describes the RNN-T; the Conformer's encoder, and what of it runs in float, is described in that module.
 
 The program (B batch, T input frames, S frames stacked, T' = ceil(T / S), F features, D encoder width, E embedding
 width, H predictor width, J joint width, V vocabulary with blank = 0)::
@@ -68,7 +70,7 @@ import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Literal, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -166,7 +168,7 @@ def int8_weight(packed: PackedTensor) -> tuple[np.ndarray, np.ndarray]:
     return weight, scale
 
 
-def _int32_bias(bias: np.ndarray, acc_scale: np.ndarray, where: str) -> np.ndarray:
+def int32_bias(bias: np.ndarray, acc_scale: np.ndarray, where: str) -> np.ndarray:
     """Float bias (O,) → int32 at the accumulator scale (O,), rounded half to even; OverflowError if it does not
     leave the int32 accumulator room (|bias| must stay below 2^30)."""
     q = np.rint(np.asarray(bias, np.float64) / acc_scale)
@@ -203,7 +205,7 @@ class IntegerLinear:
         acc_scale = x_scale * w_scale
         out_scale = float(acc_scale.max()) if out_scale is None else out_scale
         bias = np.zeros(weight.shape[0]) if bias is None else bias
-        return cls(weight, _int32_bias(bias, acc_scale, name), quantize_multiplier(acc_scale / out_scale),
+        return cls(weight, int32_bias(bias, acc_scale, name), quantize_multiplier(acc_scale / out_scale),
                    out_scale, out_dtype, rounding, name)
 
     def accumulate(self, x: np.ndarray) -> np.ndarray:
@@ -221,6 +223,18 @@ def _round(x: np.ndarray, rounding: Rounding) -> np.ndarray:
     if rounding == "half_to_even":
         return np.rint(x)
     return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+def quantize_features(feats: np.ndarray, feat_lens: np.ndarray, scale: float, multiple: int,
+                      rounding: Rounding) -> np.ndarray:
+    """The float front end's output entering the accelerator (the one per-frame float operation, :data:`FLOAT_OPS`):
+    feats (B, T, F) float, feat_lens (B,) → (B, ceil(T / multiple) · multiple, F) int8 at ``scale``; frames past
+    each length are zero (as the float models mask them), and so is the padding up to the multiple (the encoder's
+    time reduction)."""
+    frames = feats.shape[1]
+    q = saturate(_round(feats.astype(np.float64) / scale, rounding), np.int8)
+    q[np.arange(frames)[None, :] >= feat_lens[:, None]] = 0
+    return np.pad(q, ((0, 0), (0, -(-frames // multiple) * multiple - frames), (0, 0)))
 
 
 def run_lstm_layer(cell: IntegerLSTMCell, x: np.ndarray, name: str = "lstm") -> np.ndarray:
@@ -254,14 +268,9 @@ class IntegerEncoder:
     rounding: Rounding
 
     def quantize_features(self, feats: np.ndarray, feat_lens: np.ndarray) -> np.ndarray:
-        """feats (B, T, F) float, feat_lens (B,) → stacked (B, T', S·F) int8, T' = ceil(T / S); frames past each
-        length are zero (as the float model masks them), and so is the padding of the last group."""
-        batch, frames, dim = feats.shape
-        q = saturate(_round(feats.astype(np.float64) / self.feat_scale, self.rounding), np.int8)
-        q[np.arange(frames)[None, :] >= feat_lens[:, None]] = 0
-        steps = -(-frames // self.stack)
-        q = np.pad(q, ((0, 0), (0, steps * self.stack - frames), (0, 0)))
-        return _record("encoder.input", q.reshape(batch, steps, self.stack * dim))
+        """feats (B, T, F) float, feat_lens (B,) → stacked (B, T', S·F) int8, T' = ceil(T / S)."""
+        q = quantize_features(feats, feat_lens, self.feat_scale, self.stack, self.rounding)
+        return _record("encoder.input", q.reshape(q.shape[0], -1, self.stack * q.shape[2]))
 
     def __call__(self, feats: np.ndarray, feat_lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """feats (B, T, F) float32, feat_lens (B,) int64 → enc (B, T', D) int8, out_lens (B,) int64."""
@@ -349,14 +358,25 @@ class ProgramSource:
     calibration: dict[str, Any] = field(default_factory=dict)
 
 
+class EncoderProgram(Protocol):
+    """An integer encoder (:class:`IntegerEncoder`, or the Conformer's
+    :class:`~sub8.emulator.conformer_program.IntegerConformerEncoder`): ``(feats (B, T, F) float32, feat_lens (B,)
+    int64) → (enc (B, T', D) int8 at the joiner's input scale, out_lens (B,) int64)``."""
+
+    input_dim: int
+
+    def __call__(self, feats: np.ndarray, feat_lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
 class IntegerTransducer(nn.Module):
-    """The integer RNN-T. An ``nn.Module`` only so that :func:`sub8.evaluate.decode` and ``evaluate`` take it as
-    they take the float model: it holds no torch weights, and one empty parameter tells ``decode`` its device (the
-    CPU; numpy does the work)."""
+    """The integer transducer (RNN-T or Conformer: the encoder differs, the predictor, joiner and greedy search are
+    the same). An ``nn.Module`` only so that :func:`sub8.evaluate.decode` and ``evaluate`` take it as they take the
+    float model: it holds no torch weights, and one empty parameter tells ``decode`` its device (the CPU; numpy does
+    the work)."""
 
-    float_ops = FLOAT_OPS
+    float_ops = FLOAT_OPS  # the same one for both encoders
 
-    def __init__(self, encoder: IntegerEncoder, predictor: IntegerPredictor, joiner: IntegerJoiner,
+    def __init__(self, encoder: EncoderProgram, predictor: IntegerPredictor, joiner: IntegerJoiner,
                  source: ProgramSource) -> None:
         super().__init__()
         self.encoder = encoder
@@ -386,36 +406,72 @@ class IntegerTransducer(nn.Module):
             feat_lens: (B,) valid frames, each ≥ 1.
         Returns: per utterance, the token ids without blanks.
         """
-        feats, feat_lens = _as_numpy(feats, np.float32), _as_numpy(feat_lens, np.int64)
-        if feats.ndim != 3 or feats.shape[-1] != self.encoder.input_dim:
-            raise ValueError(f"feats: expected (B, T, {self.encoder.input_dim}), got {feats.shape}")
-        if feat_lens.size and feat_lens.min() < 1:
-            raise ValueError(f"feat_lens: every utterance needs at least one frame, got {feat_lens.tolist()}")
+        feats, feat_lens = decoder_inputs(feats, feat_lens, self.encoder.input_dim)
         batch = feats.shape[0]
         if batch == 0:
             return []
         enc, out_lens = self.encoder(feats[:, : int(feat_lens.max())], feat_lens)
         enc16 = self.joiner.enc_proj(enc)  # (B, T', J): once per frame, independent of the predictor
         pred16, state = self.predict(np.full(batch, BLANK, np.int64), self.predictor.initial_state(batch))
-        hyps: list[list[int]] = [[] for _ in range(batch)]
-        for t in range(enc.shape[1]):
-            active = np.flatnonzero(t < out_lens)
-            for _ in range(max_symbols_per_frame):
-                best = self.joiner.logits(enc16[active, t], pred16[active]).argmax(axis=-1)
-                active, best = active[best != BLANK], best[best != BLANK]
-                if not active.size:
-                    break
-                sub_state = [(h[active], c[active]) for h, c in state]
-                new_pred, new_state = self.predict(best, sub_state)
-                pred16[active] = new_pred
-                for (h, c), (nh, nc) in zip(state, new_state):
-                    h[active], c[active] = nh, nc
-                for b, token in zip(active.tolist(), best.tolist()):
-                    hyps[b].append(token)
-        return hyps
+
+        def predict(tokens: np.ndarray, flat: State) -> tuple[np.ndarray, State]:  # per-layer (h, c) <-> flat list
+            new_pred, new_state = self.predict(tokens, list(zip(flat[0::2], flat[1::2])))
+            return new_pred, [x for layer in new_state for x in layer]
+
+        return greedy_search(enc16, out_lens, pred16, [x for layer in state for x in layer], self.joiner.logits,
+                             predict, max_symbols_per_frame)
 
 
-def _as_numpy(x: torch.Tensor | np.ndarray, dtype: type) -> np.ndarray:
+State = list[np.ndarray]  # a decoder's recurrent state as arrays with the batch on one axis (greedy_search's)
+
+
+def greedy_search(enc_proj: np.ndarray, out_lens: np.ndarray, pred: np.ndarray, state: State,
+                  joint: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                  predict: Callable[[np.ndarray, State], tuple[np.ndarray, State]],
+                  max_symbols_per_frame: int = 5, state_axis: int = 0) -> list[list[int]]:
+    """Batched greedy search with the contract of :meth:`Transducer.greedy_decode`, over any joiner and predictor
+    (the integer program's, ONNX Runtime's): frame by frame, each utterance emits until the argmax is blank or it
+    has emitted ``max_symbols_per_frame`` tokens at the frame; the predictor advances only for the utterances that
+    emitted.
+
+    Args:
+        enc_proj: (B, T', J) the encoder's joint projection; out_lens: (B,) valid frames.
+        pred: (B, J) the predictor's joint projection after the start symbol; updated in place.
+        state: the predictor state after the start symbol, arrays with the batch on ``state_axis``; updated in place.
+        joint: (enc (b, J), pred (b, J)) → logits (b, V).
+        predict: (tokens (b,), state of those b utterances) → (pred (b, J), their new state).
+    Returns: per utterance, the token ids without blanks.
+    """
+    hyps: list[list[int]] = [[] for _ in range(enc_proj.shape[0])]
+    lead = (slice(None),) * state_axis
+    for t in range(enc_proj.shape[1]):
+        active = np.flatnonzero(t < out_lens)
+        for _ in range(max_symbols_per_frame):
+            best = joint(enc_proj[active, t], pred[active]).argmax(axis=-1)
+            active, best = active[best != BLANK], best[best != BLANK]
+            if not active.size:
+                break
+            new_pred, new_state = predict(best, [np.take(s, active, axis=state_axis) for s in state])
+            pred[active] = new_pred
+            for s, new in zip(state, new_state):
+                s[(*lead, active)] = new
+            for b, token in zip(active.tolist(), best.tolist()):
+                hyps[b].append(token)
+    return hyps
+
+
+def decoder_inputs(feats: torch.Tensor | np.ndarray, feat_lens: torch.Tensor | np.ndarray,
+                   input_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """``feats`` (B, T, input_dim) as float32 and ``feat_lens`` (B,) as int64 numpy arrays, checked."""
+    feats, feat_lens = as_numpy(feats, np.float32), as_numpy(feat_lens, np.int64)
+    if feats.ndim != 3 or feats.shape[-1] != input_dim:
+        raise ValueError(f"feats: expected (B, T, {input_dim}), got {feats.shape}")
+    if feat_lens.size and feat_lens.min() < 1:
+        raise ValueError(f"feat_lens: every utterance needs at least one frame, got {feat_lens.tolist()}")
+    return feats, feat_lens
+
+
+def as_numpy(x: torch.Tensor | np.ndarray, dtype: type) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     return np.asarray(x).astype(dtype, copy=False)
@@ -426,40 +482,55 @@ def _as_numpy(x: torch.Tensor | np.ndarray, dtype: type) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _conformer() -> Any:
+    """:mod:`sub8.emulator.conformer_program` (the Conformer's encoder), imported when first needed: it builds on
+    this module, so importing it at the top would be circular."""
+    from sub8.emulator import conformer_program
+
+    return conformer_program
+
+
 def _lstm_names(prefix: str, layers: int) -> list[str]:
     return [f"{prefix}.weight_{kind}_l{k}" for k in range(layers) for kind in ("ih", "hh")]
 
 
+def _lstm_biases(prefix: str, layers: int) -> list[str]:
+    return [f"{prefix}.bias_{kind}_l{k}" for k in range(layers) for kind in ("ih", "hh")]
+
+
 def weight_names(config: TransducerConfig) -> list[str]:
-    """The quantized weights the integer RNN-T runs (every one must be in the export)."""
-    return [*_lstm_names("transcriber.lstm", config.lstm_layers), "predictor.embedding.weight",
-            *_lstm_names("predictor.lstm", config.pred_layers), "joiner.enc_proj.weight", "joiner.pred_proj.weight",
-            "joiner.output.weight"]
+    """The quantized weights the integer transducer runs (every one must be in the export)."""
+    encoder = (_conformer().encoder_weight_names(config) if config.encoder == "conformer"
+               else _lstm_names("transcriber.lstm", config.lstm_layers))
+    return [*encoder, "predictor.embedding.weight", *_lstm_names("predictor.lstm", config.pred_layers),
+            "joiner.enc_proj.weight", "joiner.pred_proj.weight", "joiner.output.weight"]
 
 
 def float_param_names(config: TransducerConfig) -> list[str]:
-    """The float parameters it converts itself: LSTM biases, the LayerNorm's gain and bias, linear biases."""
-    lstm_biases = [f"{p}.bias_{kind}_l{k}" for p, n in (("transcriber.lstm", config.lstm_layers),
-                                                         ("predictor.lstm", config.pred_layers))
-                   for k in range(n) for kind in ("ih", "hh")]
-    return [*lstm_biases, "transcriber.norm.weight", "transcriber.norm.bias", "joiner.enc_proj.bias",
+    """The float parameters it converts itself: LSTM biases, LayerNorm gains and biases, linear (and conv) biases."""
+    encoder = (_conformer().encoder_float_param_names(config) if config.encoder == "conformer"
+               else [*_lstm_biases("transcriber.lstm", config.lstm_layers), "transcriber.norm.weight",
+                     "transcriber.norm.bias"])
+    return [*encoder, *_lstm_biases("predictor.lstm", config.pred_layers), "joiner.enc_proj.bias",
             "joiner.pred_proj.bias", "joiner.output.bias"]
 
 
 def _check_supported(model: nn.Module, exported: dict[str, Any]) -> TransducerConfig:
-    """Raise :class:`ConversionError` for anything the integer RNN-T does not run; returns the model's config."""
+    """Raise :class:`ConversionError` for anything the integer program does not run; returns the model's config."""
     config = getattr(model, "config", None)
     if not isinstance(config, TransducerConfig):
         raise ConversionError(f"to_integer_program takes a sub8 Transducer, got {type(model).__name__}")
-    if config.encoder != "lstm":
-        raise ConversionError(f"to_integer_program converts the RNN-T (encoder 'lstm'); the {config.encoder!r} "
-                              "encoder (the Conformer transducer) is out of scope for this step")
-    for where, lstm in (("transcriber.lstm", model.transcriber.lstm), ("predictor.lstm", model.predictor.lstm)):
+    lstms = [("predictor.lstm", model.predictor.lstm)]
+    if config.encoder == "conformer":
+        _conformer().check_encoder(model)
+    else:
+        lstms.insert(0, ("transcriber.lstm", model.transcriber.lstm))
+        if not isinstance(model.transcriber.norm, nn.LayerNorm) or not model.transcriber.norm.elementwise_affine:
+            raise ConversionError(f"transcriber.norm: expected an affine nn.LayerNorm, got {model.transcriber.norm}")
+    for where, lstm in lstms:
         if lstm.bidirectional or lstm.proj_size or not lstm.batch_first or lstm.mode != "LSTM":
             raise ConversionError(f"{where}: only unidirectional LSTMs without projection (proj_size=0), "
                                   f"batch_first, are supported; got {lstm}")
-    if not isinstance(model.transcriber.norm, nn.LayerNorm) or not model.transcriber.norm.elementwise_affine:
-        raise ConversionError(f"transcriber.norm: expected an affine nn.LayerNorm, got {model.transcriber.norm}")
     params = dict(model.named_parameters())
     skip = tuple(f"{m}." for m in getattr(model, "training_only", ()))
     needed = weight_names(config)
@@ -469,11 +540,11 @@ def _check_supported(model: nn.Module, exported: dict[str, Any]) -> TransducerCo
                               "int8 weights; export with a plan that covers every weight (e.g. QuantPlan.uniform)")
     extra = sorted(n for n in exported if n not in needed and not n.startswith(skip))
     if extra:
-        raise ConversionError(f"the export holds weight(s) {extra} that the integer RNN-T does not run")
+        raise ConversionError(f"the export holds weight(s) {extra} that the integer program does not run")
     known = set(needed) | set(float_param_names(config))
     unknown = sorted(n for n in params if n not in known and not n.startswith(skip))
     if unknown:
-        raise ConversionError(f"unsupported parameter(s) {unknown}: the integer RNN-T has no place for them")
+        raise ConversionError(f"unsupported parameter(s) {unknown}: the integer program has no place for them")
     for name in needed:
         if tuple(exported[name].codes.shape) != tuple(params[name].shape):
             raise ConversionError(f"{name}: exported codes {tuple(exported[name].codes.shape)} do not match the "
@@ -544,7 +615,17 @@ def calibrate(reference: nn.Module, calibration_feats: Sequence[torch.Tensor | n
     if not 0 < percentile <= 100:
         raise ValueError(f"calibrate: percentile must be in (0, 100], got {percentile}")
     feats, lens = _pad(calibration_feats)
-    transcriber, predictor = reference.transcriber, reference.predictor
+    if reference.config.encoder == "conformer":
+        scales = _conformer().calibrate_encoder(reference, feats, lens, percentile)
+    else:
+        scales = _calibrate_lstm_encoder(reference, feats, lens, percentile, hidden)
+    return scales | _calibrate_predictor(reference, feats, lens, percentile, hidden)
+
+
+def _calibrate_lstm_encoder(reference: nn.Module, feats: torch.Tensor, lens: torch.Tensor, percentile: float,
+                            hidden: HiddenRule) -> dict[str, float]:
+    """The RNN-T encoder's scales (site → scale) on padded calibration features (B, T, F) and lengths (B,)."""
+    transcriber = reference.transcriber
     captured: dict[str, torch.Tensor] = {}
     hooks = [transcriber.lstm.register_forward_hook(lambda m, a, out: captured.__setitem__("x", a[0])),
              transcriber.norm.register_forward_hook(lambda m, a, out: captured.__setitem__("norm", out))]
@@ -559,17 +640,24 @@ def calibrate(reference: nn.Module, calibration_feats: Sequence[torch.Tensor | n
               "encoder.norm": _range(captured["norm"][valid], percentile)}
     if hidden == "bound":
         ranges |= {f"encoder.lstm.l{k}": 1.0 for k in range(transcriber.lstm.num_layers)}
-        ranges |= {f"predictor.lstm.l{k}": 1.0 for k in range(predictor.lstm.num_layers)}
-        return {site: r / INT8_MAX for site, r in ranges.items()}
-    for k, h in enumerate(_layer_outputs(transcriber.lstm, captured["x"])):
-        ranges[f"encoder.lstm.l{k}"] = _range(h[valid], percentile, cap=1.0)
-    # The predictor on the token paths the fake-quant model decodes (start symbol + its hypothesis).
+    else:
+        for k, h in enumerate(_layer_outputs(transcriber.lstm, captured["x"])):
+            ranges[f"encoder.lstm.l{k}"] = _range(h[valid], percentile, cap=1.0)
+    return {site: r / INT8_MAX for site, r in ranges.items()}
+
+
+def _calibrate_predictor(reference: nn.Module, feats: torch.Tensor, lens: torch.Tensor, percentile: float,
+                         hidden: HiddenRule) -> dict[str, float]:
+    """The predictor's hidden-state scales: at their bound, or ("calibrated") by the percentile rule on the token
+    paths the fake-quant model decodes (start symbol + its hypothesis), capped at the bound."""
+    predictor = reference.predictor
+    if hidden == "bound":
+        return {f"predictor.lstm.l{k}": 1.0 / INT8_MAX for k in range(predictor.lstm.num_layers)}
     hyps = reference.greedy_decode(feats, lens)
     tokens = nn.utils.rnn.pad_sequence([torch.tensor([BLANK, *h], dtype=torch.long) for h in hyps], batch_first=True)
     token_valid = torch.arange(tokens.shape[1])[None, :] <= torch.tensor([len(h) for h in hyps])[:, None]
-    for k, h in enumerate(_layer_outputs(predictor.lstm, predictor.embedding(tokens))):
-        ranges[f"predictor.lstm.l{k}"] = _range(h[token_valid], percentile, cap=1.0)
-    return {site: r / INT8_MAX for site, r in ranges.items()}
+    return {f"predictor.lstm.l{k}": _range(h[token_valid], percentile, cap=1.0) / INT8_MAX
+            for k, h in enumerate(_layer_outputs(predictor.lstm, predictor.embedding(tokens)))}
 
 
 def pack_exported(exported: dict[str, Any]) -> dict[str, PackedTensor]:
@@ -587,7 +675,7 @@ def _lstm_cells(prefix: str, layers: int, packed: dict[str, PackedTensor], float
         w_ih, s_ih = int8_weight(packed[f"{prefix}.weight_ih_l{k}"])
         w_hh, s_hh = int8_weight(packed[f"{prefix}.weight_hh_l{k}"])
         bias = floats[f"{prefix}.bias_ih_l{k}"].astype(np.float64) + floats[f"{prefix}.bias_hh_l{k}"]
-        _int32_bias(bias, x_scale * s_ih, f"{prefix} layer {k}")  # the cell rounds it itself; check the range
+        int32_bias(bias, x_scale * s_ih, f"{prefix} layer {k}")  # the cell rounds it itself; check the range
         cells.append(IntegerLSTMCell.from_int8(w_ih, s_ih, w_hh, s_hh, bias, x_scale, 0, h_scales[k], 0, rounding))
         x_scale = h_scales[k]
     return tuple(cells)
@@ -599,15 +687,20 @@ def build_program(source: ProgramSource) -> IntegerTransducer:
     packed, floats, scales, r = source.packed, source.float_params, source.activation_scales, source.rounding
     if r not in ROUNDING_RULES:
         raise ValueError(f"unknown rounding rule {r!r}; expected one of {ROUNDING_RULES}")
-    enc_scales = [scales[f"encoder.lstm.l{k}"] for k in range(config.lstm_layers)]
-    encoder = IntegerEncoder(
-        config.lstm_stack, config.input_dim, scales["features"],
-        _lstm_cells("transcriber.lstm", config.lstm_layers, packed, floats, scales["features"], enc_scales, r),
-        IntegerLayerNorm.from_float(floats["transcriber.norm.weight"].astype(np.float64),
-                                    floats["transcriber.norm.bias"].astype(np.float64), source.norm_eps,
-                                    enc_scales[-1], 0, scales["encoder.norm"], 0, r),
-        r,
-    )
+    if config.encoder == "conformer":
+        encoder = _conformer().build_encoder(config, source)
+        enc_scale = encoder.out_scale
+    else:
+        enc_scales = [scales[f"encoder.lstm.l{k}"] for k in range(config.lstm_layers)]
+        encoder = IntegerEncoder(
+            config.lstm_stack, config.input_dim, scales["features"],
+            _lstm_cells("transcriber.lstm", config.lstm_layers, packed, floats, scales["features"], enc_scales, r),
+            IntegerLayerNorm.from_float(floats["transcriber.norm.weight"].astype(np.float64),
+                                        floats["transcriber.norm.bias"].astype(np.float64), source.norm_eps,
+                                        enc_scales[-1], 0, scales["encoder.norm"], 0, r),
+            r,
+        )
+        enc_scale = scales["encoder.norm"]
     embedding, row_scale = int8_weight(packed["predictor.embedding.weight"])
     emb_scale = scales["predictor.embedding"]
     pred_scales = [scales[f"predictor.lstm.l{k}"] for k in range(config.pred_layers)]
@@ -622,7 +715,7 @@ def build_program(source: ProgramSource) -> IntegerTransducer:
         return IntegerLinear.from_int8(weight, w_scale, floats[f"{name}.bias"], x_scale, out_scale, dtype, r, name)
 
     joiner = IntegerJoiner(
-        linear("joiner.enc_proj", scales["encoder.norm"], gate_unit, np.int16),
+        linear("joiner.enc_proj", enc_scale, gate_unit, np.int16),
         linear("joiner.pred_proj", pred_scales[-1], gate_unit, np.int16),
         quantize_multiplier(2.0**-ACT_FRAC_BITS / scales["joiner.tanh"]),
         linear("joiner.output", scales["joiner.tanh"], None, np.int32),
@@ -635,11 +728,11 @@ def to_integer_program(model: nn.Module, exported: dict[str, Any],
                        calibration_feats: Sequence[torch.Tensor | np.ndarray],
                        percentile: float = CALIBRATION_PERCENTILE,
                        rounding: Rounding = "half_to_even", hidden: HiddenRule = "bound") -> IntegerTransducer:
-    """Convert a quantized RNN-T to its integer program.
+    """Convert a quantized transducer (RNN-T or Conformer) to its integer program.
 
     Args:
-        model: the Transducer (``encoder="lstm"``); its float biases and LayerNorm are read, and a copy with the
-            exported weights calibrates the activation scales.
+        model: the Transducer (``encoder="lstm"`` or ``"conformer"``); its float biases and LayerNorms are read, and a
+            copy with the exported weights calibrates the activation scales.
         exported: :func:`sub8.quant.export_quantized` of the model (uniform, S8BQAT, GQ or native: codes, int8 LUT,
             scale), covering every weight the program runs.
         calibration_feats: a few utterances' (T_i, F) features, CMVN applied (:func:`calibration_features`).
@@ -647,7 +740,7 @@ def to_integer_program(model: nn.Module, exported: dict[str, Any],
         rounding: the requantization rounding rule.
         hidden: the LSTM hidden states' scale: "bound" (1/127) or "calibrated" (see :func:`calibrate`).
     Raises:
-        ConversionError: a Conformer, an unsupported LSTM variant, a missing or extra weight, a shape mismatch.
+        ConversionError: an unsupported LSTM or Conformer variant, a missing or extra weight, a shape mismatch.
     """
     config = _check_supported(model, exported)
     reference = fake_quant_model(model, exported)
@@ -660,12 +753,17 @@ def to_integer_program(model: nn.Module, exported: dict[str, Any],
     params = dict(model.named_parameters())
     floats = {name: params[name].detach().cpu().float().numpy().copy()
               for name in float_param_names(config) if name in params}
-    for prefix, layers in (("transcriber.lstm", config.lstm_layers), ("predictor.lstm", config.pred_layers)):
+    lstms = [("predictor.lstm", config.pred_layers)]
+    if config.encoder == "lstm":
+        lstms.insert(0, ("transcriber.lstm", config.lstm_layers))
+    for prefix, layers in lstms:
         width = params[f"{prefix}.weight_hh_l0"].shape[1]
         for k in range(layers):  # an LSTM built with bias=False has none: zeros
             for kind in ("ih", "hh"):
                 floats.setdefault(f"{prefix}.bias_{kind}_l{k}", np.zeros(4 * width, np.float32))
-    source = ProgramSource(config.to_dict(), packed, floats, scales, float(model.transcriber.norm.eps), rounding,
+    # Every LayerNorm of the encoder has this eps (the Conformer's check makes sure).
+    eps = next(m.eps for m in model.transcriber.modules() if isinstance(m, nn.LayerNorm))
+    source = ProgramSource(config.to_dict(), packed, floats, scales, float(eps), rounding,
                            {"percentile": percentile, "hidden": hidden, "utterances": len(calibration_feats)})
     return build_program(source)
 
@@ -716,6 +814,7 @@ __all__ = [
     "CALIBRATION_PERCENTILE",
     "FLOAT_OPS",
     "ConversionError",
+    "EncoderProgram",
     "IntegerEncoder",
     "IntegerJoiner",
     "IntegerLinear",
@@ -731,6 +830,7 @@ __all__ = [
     "int8_weight",
     "load_integer_program",
     "pack_exported",
+    "quantize_features",
     "record_intermediates",
     "run_lstm_layer",
     "save_integer_program",
