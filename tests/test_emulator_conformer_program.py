@@ -16,14 +16,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from test_emulator_program import DIM, QUANTIZERS, VOCAB, padded, quantize, synth
+from test_emulator_program import DIM, QUANTIZERS, VOCAB, padded, quantize, synth, train_tiny
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 
 from sub8.emulator import conformer_program as cp
 from sub8.emulator import program as prog
 from sub8.emulator.kernels import INT32_MAX, accumulator_bound, check_accumulator
-from sub8.models import PRESETS, TransducerConfig, build_model
+from sub8.models import PRESETS, TransducerConfig
 from sub8.models.conformer import attention_mask
 
 CONFIG = dict(encoder="conformer", vocab_size=VOCAB, input_dim=DIM, conformer_dim=16, conformer_layers=2,
@@ -34,24 +33,7 @@ CONFIG = dict(encoder="conformer", vocab_size=VOCAB, input_dim=DIM, conformer_di
 
 @pytest.fixture(scope="module")
 def trained() -> nn.Module:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before conftest's per-test one_thread
-    try:
-        torch.manual_seed(0)
-        model = build_model(TransducerConfig(**CONFIG))
-        feats, tokens = synth(512, seed=0)
-        optimizer = torch.optim.Adam(model.parameters(), 1e-2)
-        for step in range(300):
-            i = (step * 16) % len(feats)
-            x, lens = padded(feats[i:i + 16])
-            ids = pad_sequence([torch.tensor(t) for t in tokens[i:i + 16]], batch_first=True)
-            loss, _ = model.loss(x, lens, ids, torch.tensor([len(t) for t in tokens[i:i + 16]]))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
-    return model.eval()
+    return train_tiny(CONFIG)
 
 
 @pytest.fixture(scope="module")

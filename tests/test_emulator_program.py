@@ -60,13 +60,14 @@ def padded(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return pad_sequence(feats, batch_first=True), torch.tensor([len(f) for f in feats])
 
 
-@pytest.fixture(scope="module")
-def trained() -> nn.Module:
+def train_tiny(config: dict) -> nn.Module:
+    """A tiny transducer of ``config`` trained for 300 steps on the synthetic task (one thread: module fixtures run
+    before conftest's per-test one_thread)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before conftest's per-test one_thread
+    torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        model = build_model(TransducerConfig(**CONFIG))
+        model = build_model(TransducerConfig(**config))
         feats, tokens = synth(512, seed=0)
         optimizer = torch.optim.Adam(model.parameters(), 1e-2)
         for step in range(300):
@@ -80,6 +81,11 @@ def trained() -> nn.Module:
     finally:
         torch.set_num_threads(threads)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained() -> nn.Module:
+    return train_tiny(CONFIG)
 
 
 def quantize(model: nn.Module, make, bits: int) -> tuple[nn.Module, dict]:
