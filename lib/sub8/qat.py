@@ -776,13 +776,15 @@ def same_bits_table(gq_results: Iterable[MethodResult], others: Iterable[MethodR
 CONTROL_COLUMNS = ("model", "method", "plan", "wer_test", "wer_control", "diff_lo", "diff_hi")
 
 
-def control_table(results: Iterable[MethodResult], controls: Mapping[str, MethodResult]) -> pd.DataFrame:
+def control_table(results: Iterable[MethodResult], controls: Mapping[str, MethodResult],
+                  plan_name: Callable[[Any], str] = plan_label) -> pd.DataFrame:
     """Each result against its model's **fp32 control** (the baseline fine-tuned in fp32 for the same updates:
     ``finetune_row(data, model, "fp32_control")``), paired on the test utterances (``CONTROL_COLUMNS``).
 
     A quantized run better than the fp32 baseline may only show that the baseline had not converged; against the
     control, the same extra training is on both sides. ``diff_lo``, ``diff_hi``: the 95% paired-bootstrap interval
-    of WER(result) − WER(control), absolute points; ``plan``: :func:`plan_label` (empty without a plan)."""
+    of WER(result) − WER(control), absolute points; ``plan``: ``plan_name`` of the run's plan (empty without one;
+    e.g. :func:`gq_plan_name` to match notebook 04's table)."""
     rows = []
     for r in results:
         model = r.row["model"]
@@ -790,7 +792,7 @@ def control_table(results: Iterable[MethodResult], controls: Mapping[str, Method
         if control.row["method"] != "fp32_control":
             raise ValueError(f"control_table: {control.name} is not an fp32_control run")
         diff = compare(r.test, control.test)
-        rows.append({"model": model, "method": r.row["method"], "plan": plan_label(r.plan) if r.plan else "",
+        rows.append({"model": model, "method": r.row["method"], "plan": plan_name(r.plan) if r.plan else "",
                      "wer_test": r.row["wer_test"], "wer_control": control.row["wer_test"], "diff_lo": diff.lo,
                      "diff_hi": diff.hi})
     return pd.DataFrame(rows, columns=list(CONTROL_COLUMNS))
