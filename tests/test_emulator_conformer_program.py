@@ -16,7 +16,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from test_emulator_program import DIM, QUANTIZERS, VOCAB, padded, quantize, synth, train_tiny
+from test_emulator_program import (DIM, QUANTIZERS, VOCAB, check_integer_decoding_agrees, padded, quantize, synth,
+                                   train_tiny)
 from torch import nn
 
 from sub8.emulator import conformer_program as cp
@@ -231,17 +232,8 @@ def test_encoder_tracks_the_fake_quant_encoder(uniform8, test_set):
 
 @pytest.mark.parametrize("kind", sorted(QUANTIZERS))
 def test_integer_greedy_decoding_agrees_with_fake_quant_decoding(trained, test_set, kind):
-    model, exported = quantize(trained, *QUANTIZERS[kind])
-    program = prog.to_integer_program(model, exported, synth(16, seed=2)[0])
-    feats, refs = test_set
-    x, lens = padded(feats)
-    fake_quant = model.greedy_decode(x, lens)
-    integer = program.greedy_decode(x, lens)
-    # The fake-quant model must have decisions worth agreeing on (measured: 35-42 of the 48 decoded exactly), and
-    # the integer program must make the same ones (measured: 43-48 of 48 identical hypotheses).
-    assert sum(h == r for h, r in zip(fake_quant, refs)) >= 0.7 * len(refs)
-    agree = sum(a == b for a, b in zip(integer, fake_quant))
-    assert agree >= 0.85 * len(refs), (kind, agree)
+    # measured: 35-42 of the 48 decoded exactly by the fake-quant model, 43-48 of 48 identical integer hypotheses
+    check_integer_decoding_agrees(trained, test_set, kind, fake_quant_correct=0.7)
 
 
 def test_decoding_is_independent_of_the_batch_and_its_blocks(uniform8, test_set, monkeypatch):
