@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from test_emulator_program import (DIM, QUANTIZERS, VOCAB, check_integer_decoding_agrees, padded, quantize, synth,
-                                   train_tiny)
+                                   test_set, train_tiny, uniform8)  # the fixtures run on this module's `trained`
 from torch import nn
 
 from sub8.emulator import conformer_program as cp
@@ -35,17 +35,6 @@ CONFIG = dict(encoder="conformer", vocab_size=VOCAB, input_dim=DIM, conformer_di
 @pytest.fixture(scope="module")
 def trained() -> nn.Module:
     return train_tiny(CONFIG)
-
-
-@pytest.fixture(scope="module")
-def uniform8(trained):
-    model, exported = quantize(trained, *QUANTIZERS["uniform8_per_channel"])
-    return model, exported, prog.to_integer_program(model, exported, synth(16, seed=2)[0])
-
-
-@pytest.fixture(scope="module")
-def test_set():
-    return synth(48, seed=3)
 
 
 def steps(got: np.ndarray, scale: float, expected: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -238,6 +227,7 @@ def test_integer_greedy_decoding_agrees_with_fake_quant_decoding(trained, test_s
 
 def test_decoding_is_independent_of_the_batch_and_its_blocks(uniform8, test_set, monkeypatch):
     _, _, program = uniform8
+    assert isinstance(program.encoder, cp.IntegerConformerEncoder)  # the shared fixture ran on this module's model
     feats = test_set[0][:10]
     x, lens = padded(feats)
     batched = program.greedy_decode(x, lens)
