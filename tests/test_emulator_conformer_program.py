@@ -16,8 +16,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from test_emulator_program import (DIM, QUANTIZERS, VOCAB, check_integer_decoding_agrees, padded, quantize, synth,
-                                   test_set, train_tiny, uniform8)  # the fixtures run on this module's `trained`
+from test_emulator_program import (DIM, QUANTIZERS, VOCAB, check_integer_decoding_agrees, integer_and_float_encoder,
+                                   padded, quantize, synth, test_set, train_tiny, uniform8)  # the fixtures run on this module's `trained`
 from torch import nn
 
 from sub8.emulator import conformer_program as cp
@@ -202,13 +202,8 @@ def test_encoder_tracks_the_fake_quant_encoder(uniform8, test_set):
     that spread, and test inputs beyond the calibrated range saturate (the subsampling's convolutions by up to 7
     steps); two layers compound both. The decisions survive it (next test)."""
     model, _, program = uniform8
-    feats, lens = padded(test_set[0])
-    enc, out_lens = program.encoder(feats.numpy(), lens.numpy())
-    with torch.no_grad():
-        expected, expected_lens = model.encode(feats, lens)
-    assert np.array_equal(out_lens, expected_lens.numpy())
-    valid = np.arange(enc.shape[1])[None, :] < out_lens[:, None]
-    err = steps(enc, program.encoder.out_scale, expected.numpy())[valid]
+    enc, expected, valid = integer_and_float_encoder(model, program, test_set)
+    err = steps(enc, program.encoder.out_scale, expected)[valid]
     assert err.mean() <= 1.2 and np.percentile(err, 99) <= 6.0, (err.mean(), np.percentile(err, 99))
     # Past each utterance's end the output is 0 (the greedy search never reads it).
     assert not enc[~valid].any()

@@ -246,6 +246,17 @@ def test_integer_lstm_layers_track_float_within_two_steps(uniform8, test_set):
         x, x_scale = h, h_scale
 
 
+def integer_and_float_encoder(model: nn.Module, program, test_set) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The integer program's encoder output (B, T', D) on ``test_set``, the fake-quant model's (float), and the mask
+    of valid frames (B, T'); the two agree on every utterance's length."""
+    feats, lens = padded(test_set[0])
+    enc, out_lens = program.encoder(feats.numpy(), lens.numpy())
+    with torch.no_grad():
+        expected, expected_lens = model.encode(feats, lens)
+    assert np.array_equal(out_lens, expected_lens.numpy())
+    return enc, expected.numpy(), np.arange(enc.shape[1])[None, :] < out_lens[:, None]
+
+
 def test_encoder_and_logits_track_the_fake_quant_model(uniform8, test_set):
     """End to end (errors of every layer compound, and the LayerNorm divides by the frame's spread): the integer
     encoder output within 3.5 output steps of the fake-quant model's (mean ≤ 0.5 step; measured ~2.7 and ~0.35),
@@ -254,13 +265,8 @@ def test_encoder_and_logits_track_the_fake_quant_model(uniform8, test_set):
     1/127 is the main term)."""
     model, _, program = uniform8
     scales = program.activation_scales
-    feats, lens = padded(test_set[0])
-    enc, out_lens = program.encoder(feats.numpy(), lens.numpy())
-    with torch.no_grad():
-        expected, expected_lens = model.encode(feats, lens)
-    assert np.array_equal(out_lens, expected_lens.numpy())
-    valid = np.arange(enc.shape[1])[None, :] < out_lens[:, None]
-    err = (np.abs(enc * scales["encoder.norm"] - expected.numpy()) / scales["encoder.norm"])[valid]
+    enc, expected, valid = integer_and_float_encoder(model, program, test_set)
+    err = (np.abs(enc * scales["encoder.norm"] - expected) / scales["encoder.norm"])[valid]
     assert err.max() <= 3.5 and err.mean() <= 0.5, (err.max(), err.mean())
 
     tokens = np.arange(enc.shape[0]) % VOCAB
