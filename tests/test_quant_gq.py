@@ -13,8 +13,16 @@ from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sub8.io import load_checkpoint
-from sub8.quant import QuantPlan, dequantize, export_quantized, int8_levels, nearest_level, quantizable_parameters
-from sub8.quant.gq import GQ, GQQuantizer, GQSchedule, _owner, smallest_initial_gap, soft_quantize
+from sub8.quant import (
+    QuantPlan,
+    dequantize,
+    export_quantized,
+    int8_levels,
+    nearest_level,
+    quantizable_parameters,
+    snap_to_int8_grid,
+)
+from sub8.quant.gq import GQ, GQQuantizer, GQSchedule, _CellTables, _owner, smallest_initial_gap, soft_quantize
 from sub8.quant.mu_law import mu_law_expand, mu_law_levels
 from sub8.train import TrainConfig, train
 from test_quant_apply import TOKENIZER, CountingVF, fixed_batch, s8bqat_run, tiny_loader, tiny_model
@@ -46,15 +54,18 @@ def test_window_covering_every_level_equals_brute_force_at_any_sharpness(bits, w
             assert torch.allclose(a, b, atol=1e-10)
 
 
-@pytest.mark.parametrize("bits", [3, 4, 6])
-def test_window_of_four_equals_brute_force_once_far_levels_are_negligible(bits):
-    # At normalised sharpness 10 a level outside the window weighs < exp(-37.5) ~ 5e-17 of the nearest one.
+@pytest.mark.parametrize("bits, sharpness, width", [(3, 10, 4), (4, 10, 4), (6, 10, 4), (4, 40, 2), (8, 40, 2)])
+def test_a_narrow_window_equals_brute_force_once_far_levels_are_negligible(bits, sharpness, width):
+    # At normalised sharpness 10 a level outside the window of four weighs < exp(-37.5) ~ 5e-17 of the nearest one;
+    # from PAIR_LOGIT_GAP on (here 40) the window is the two brackets, in closed form, and a level beyond them
+    # weighs < exp(-40) ~ 4e-18.
     torch.manual_seed(bits)
     scale, mu = 0.8, 4.0
     w = (0.5 * torch.randn(40, 25, dtype=torch.float64)).requires_grad_()
     levels = mu_law_levels(bits, scale, mu).double().requires_grad_()
-    beta = torch.tensor(10.0 / (smallest_initial_gap(bits, mu) * scale) ** 2, dtype=torch.float64,
+    beta = torch.tensor(sharpness / (smallest_initial_gap(bits, mu) * scale) ** 2, dtype=torch.float64,
                         requires_grad=True)
+    assert _CellTables(levels.detach(), 4, beta.item()).width == width
     out, ref = soft_quantize(w, levels, beta, chunk_size=97), brute_force_soft(w, levels, beta)
     assert torch.allclose(out, ref, atol=1e-12)
     for a, b in zip(grads(out, (w, levels, beta)), grads(ref, (w, levels, beta))):
@@ -352,21 +363,25 @@ def test_initial_scale_fits_the_weights():
     assert float(zero.log_scale.detach().exp()) > 0 and float(zero.hard_int8(torch.zeros(10)).abs().max()) < 1e-7
 
 
-@pytest.mark.parametrize("bits, mu, max_bins", [(1, 4.0, 1 << 14), (4, 4.0, 1 << 14), (8, 4.0, 1 << 14),
-                                                (8, 255.0, 1 << 14), (6, 4.0, 8)])
-def test_cell_lookup_equals_binary_search(bits, mu, max_bins):
+@pytest.mark.parametrize("bits, mu, max_bins, snap", [(1, 4.0, 1 << 14, False), (4, 4.0, 1 << 14, False),
+                                                      (8, 4.0, 1 << 14, False), (8, 255.0, 1 << 14, False),
+                                                      (8, 4.0, 1 << 14, True), (6, 4.0, 8, False)])
+def test_cell_lookup_equals_binary_search(bits, mu, max_bins, snap):
     from sub8.quant.gq import _CellIndex
 
     torch.manual_seed(bits)
     levels = mu_law_levels(bits, 0.7, mu)
     if bits == 6:  # nearly coinciding and repeated levels, few bins: several passes needed
         levels = torch.sort(torch.cat([levels[:40], levels[40:] * 1e-3 + 0.3, levels[:1]])).values
+    if snap:  # snapped to the int8 grid, as in GQ's hard phase: runs of equal levels
+        levels = int8_levels(*snap_to_int8_grid(levels))
+        assert levels.unique().numel() < levels.numel()
     x = torch.cat([torch.randn(20000) * 0.5, levels, (levels[1:] + levels[:-1]) / 2, torch.tensor([-9.0, 9.0])])
     expected = (torch.searchsorted(levels, x, right=True) - 1).clamp(0, levels.numel() - 2)
     index = _CellIndex(levels, max_bins)
     assert torch.equal(index(x), expected)
     if mu == 4.0 and bits != 6:
-        assert index.passes == 1  # the common case: one gather, one compare
+        assert index.passes == 1  # the common case, equal levels included: one gather, one compare
     if bits == 6:
         assert index.passes > 1
 

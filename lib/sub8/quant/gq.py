@@ -52,7 +52,10 @@ Design decisions, and why:
   a 1- or 2-bit tensor sees all its levels). A level outside the window is at least two gaps g beyond the
   nearer bracket, so relative to the nearest level its softmax weight is at most exp(−4 β g²); with the initial
   levels that is exp(−4 α̂) in the densest region (2 % at α̂ = 1, 10⁻¹⁴ at α̂ = 8) and less where the μ-law gaps
-  widen. Memory and time are O(N · window), never O(N · K).
+  widen. Memory and time are O(N · window), never O(N · K). Once β is so high that every level beyond the two
+  brackets weighs less than float32 resolves (β g_min² >= 17, g_min the smallest gap; from ~60 % of the anneal on,
+  and the whole hard phase), the window is the two brackets, in closed form (a sigmoid of the logit difference,
+  every operation on n-vectors): ~4 × fewer operations than a window of four.
 - The cell of each weight (which two levels bracket it) comes from a uniform bin table over the level range plus
   one compare (:class:`_CellIndex`), exact like a binary search but ~5 × cheaper than torch's searchsorted, which
   cost more than everything else together at 8 bits.
@@ -60,8 +63,9 @@ Design decisions, and why:
   backward, which recomputes the window terms chunk by chunk (``chunk_size`` weights at a time); training holds
   the soft weights (N floats per tensor, as any fake quantization does), the cells and one chunk of scratch.
   Autograd would have kept ~6 (window, N) tensors per weight tensor until the backward. The whole soft forward
-  and backward is ~15 passes over (window, chunk) blocks, one gather of the window, one scatter-add of the level
-  gradients, and window exps per weight: ~45 ns a weight on one CPU thread.
+  and backward is ~30 passes over (window, chunk) blocks, one gather of the window, one scatter-add of the level
+  gradients, and window exps per weight: ~50-70 ns a weight on this 2-core CPU with a window of four, ~20-30 ns
+  with two or in the hard phase (forward and backward together, a 1024 × 256 tensor at 8 bits).
 - Initial ``s``: u starts evenly spaced (design.md §5); ``s`` is the value on a log grid of max|w| · [10⁻³, 1]
   that minimises the mean squared error of hard quantization on a strided sample of ``w`` (deterministic, no RNG,
   so resumed and straight runs match).
@@ -95,6 +99,21 @@ from sub8.train import Hooks
 DEFAULT_MU = 4.0  # see the module docstring
 DEFAULT_WINDOW = 4
 DEFAULT_CHUNK_SIZE = 1 << 16  # weights per chunk: ~6 MB of scratch; larger chunks measured slower (cache)
+# Logits relative to the nearest level's are clamped here before exp: exp(-64) ~ 1e-28 is nothing next to Z >= 1,
+# and exp of a logit in the float32 underflow range runs a slow path, ~10x slower per element on this CPU. Once
+# the sharpness is high most window terms land there: unclamped, exp was ~30% of an RNN-T GQ step.
+LOGIT_FLOOR = -64.0
+# exp(-17) < 2^-24: a level whose logit is this far below the nearest level's cannot change a float32 sum with Z >= 1.
+PAIR_LOGIT_GAP = 17.0
+
+
+def _rows_at(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[:, index]``, (R, n), by one 1-D ``index_select`` per row: on this CPU a gather along dim 1 of the
+    (R, ·) table took ~1.5-2x as long, and advanced indexing ~3x."""
+    out = table.new_empty((table.shape[0], index.numel()))
+    for row, dst in zip(table, out):
+        torch.index_select(row, 0, index, out=dst)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -107,11 +126,21 @@ class _CellTables:
     shifted inward at the ends so it always holds W real levels (W = min(window, K); with W = K, every level).
     Column i of ``columns`` (W, K − 1) holds that window; one gather per weight fetches it as a (W, n) block with
     contiguous rows, so every later op runs on contiguous n-vectors (a row-major (n, W) layout, with its
-    reductions over a short last dimension, was several times slower)."""
+    reductions over a short last dimension, was several times slower).
 
-    def __init__(self, levels: torch.Tensor, window: int) -> None:
+    W shrinks to 2, the brackets, once every level beyond them is negligible at this sharpness: such a level is at
+    least one gap g beyond the farther bracket, so its logit is at least β g² below the nearest level's; with
+    β · g_min² >= ``PAIR_LOGIT_GAP`` its weight is below float32's resolution of Z >= 1 and dropping it changes no
+    value. (Equal levels, which the int8 snap of the hard phase can make at 8 bits, then count once.)"""
+
+    def __init__(self, levels: torch.Tensor, window: int, beta: float) -> None:
         num_levels = levels.numel()
         self.width = min(window, num_levels)
+        if self.width > 2:
+            gaps = levels.diff()
+            gaps = gaps[gaps > 0]
+            if gaps.numel() and beta * float(gaps.min()) ** 2 >= PAIR_LOGIT_GAP:
+                self.width = 2
         cells = torch.arange(num_levels - 1, device=levels.device)
         start = (cells - self.width // 2 + 1).clamp_(0, num_levels - self.width)
         self.level_index = start + torch.arange(self.width, device=levels.device)[:, None]  # (W, K − 1)
@@ -126,10 +155,11 @@ class _CellIndex:
 
     Bins of width h <= g_min / 4 over [c_0, c_(K−1)] (g_min: the smallest positive gap; at most ``max_bins``).
     A weight's computed bin b = ⌊(x − c_0) / h⌋ may be off by one through rounding, so x lies in
-    [e_b − h, e_(b+1) + h). The table gives the cell of e_b − h, a lower bound, and the next level to compare
-    with; ``passes`` = the most levels any such 3h interval holds (1 unless levels nearly coincide and the bins
-    were capped) is how many compare-and-step passes make the cell exact. Cost per weight: a few elementwise ops
-    and one gather per pass."""
+    [e_b − h, e_(b+1) + h). The table gives the cell of e_b − h, a lower bound, the next level to compare with, and
+    the cell to step to past it: the last of a run of equal levels (the int8 snap of the hard phase merges levels
+    at 8 bits), so a run is crossed in one step. ``passes`` = the most distinct levels any such 3h interval holds
+    (1 unless levels nearly coincide and the bins were capped) is how many compare-and-step passes make the cell
+    exact. Cost per weight: a few elementwise ops and one gather per pass."""
 
     def __init__(self, levels: torch.Tensor, max_bins: int = 1 << 14) -> None:
         self.levels = levels
@@ -146,21 +176,24 @@ class _CellIndex:
         lower = self._cell(sorted64, edges[:-1] - width)
         upper = self._cell(sorted64, edges[1:] + width)
         upper[-1] = num_levels - 2  # the last bin also holds every weight above c_(K−1)
-        self.passes = max(1, int((upper - lower).max()))
-        # The next level to pass in each cell; none after the last one.
+        distinct_rank = torch.searchsorted(torch.unique(sorted64), sorted64)
+        self.passes = max(1, int((distinct_rank[upper] - distinct_rank[lower]).max()))
+        # Per cell: the next level to pass (none after the last cell) and the cell past it, the last of its run.
         self.thresholds = torch.cat([levels[1:-1], levels.new_full((1,), math.inf)])
-        self.table = torch.stack([lower.to(levels.dtype), self.thresholds[lower]])  # (2, bins): cell, next level
+        self.targets = self._cell(sorted64, sorted64[1:]).to(levels.dtype)
+        self.table = torch.stack([lower.to(levels.dtype), self.thresholds[lower], self.targets[lower]])  # (3, bins)
 
     @staticmethod
     def _cell(levels: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return (torch.searchsorted(levels, x, right=True) - 1).clamp_(0, levels.numel() - 2)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        b = (x - self.low).mul_(self.inv_width).clamp_(0, self.bins - 1).long()
-        start, threshold = self.table.index_select(1, b)
-        cell = start.add_(x >= threshold).long()  # a pass where none was needed changes nothing
+        b = (x - self.low).mul_(self.inv_width).clamp_(0, self.bins - 1).int()  # int32: a 4x cheaper cast
+        start, threshold, target = _rows_at(self.table, b)
+        cell = torch.where(x >= threshold, target, start).long()  # a pass where none was needed changes nothing
         for _ in range(self.passes - 1):
-            cell += x >= self.thresholds[cell]
+            step = x >= self.thresholds.index_select(0, cell)
+            cell = torch.where(step, self.targets.index_select(0, cell).long(), cell)
         return cell
 
 
@@ -168,12 +201,21 @@ def _window_weights(
     x: torch.Tensor, cell: torch.Tensor, tables: _CellTables, beta: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(levels c, x − c, unnormalised softmax weights e, their sum Z) over each weight's window; (W, n) but Z (n,).
-    The logits are taken relative to the nearest level's, so e <= 1, Z >= 1 and nothing under- or overflows."""
-    c = tables.columns.index_select(1, cell)
+    The logits are taken relative to the nearest level's, so e <= 1, Z >= 1 and nothing overflows; they are clamped
+    at ``LOGIT_FLOOR``, which changes no sum and keeps exp off its slow underflow path."""
+    c = _rows_at(tables.columns, cell)
     d = x - c
     d2 = d * d
-    e = d2.sub_(d2.amin(dim=0)).mul_(-beta).exp_()
+    e = d2.sub_(d2.amin(dim=0)).mul_(-beta).clamp_(min=LOGIT_FLOOR).exp_()
     return c, d, e, e.sum(dim=0)
+
+
+def _pair_probability(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, beta: float) -> torch.Tensor:
+    """The window of two levels in closed form: the softmax weight of ``hi`` is σ(t) with the logit difference
+    t = β((x − lo)² − (x − hi)²) = β (hi − lo)(2x − lo − hi), clamped (σ is 0 or 1 in float32 well before ±64,
+    and exp stays off its slow path)."""
+    t = (x + x).sub_(lo).sub_(hi).mul_(hi - lo).mul_(beta)
+    return t.clamp_(LOGIT_FLOOR, -LOGIT_FLOOR).sigmoid_()
 
 
 class _SoftQuantize(torch.autograd.Function):
@@ -192,16 +234,19 @@ class _SoftQuantize(torch.autograd.Function):
         flat = w.detach().reshape(-1)
         out = torch.empty_like(flat)
         cells = torch.empty(flat.shape, dtype=torch.uint8, device=flat.device)
-        tables, cell_of = _CellTables(levels, window), _CellIndex(levels)
         beta_value = beta.detach().item()
+        tables, cell_of = _CellTables(levels, window, beta_value), _CellIndex(levels)
         for a in range(0, flat.numel(), chunk_size):
             x = flat[a : a + chunk_size]
             cell = cell_of(x)
             cells[a : a + chunk_size] = cell
             if hard:
                 # The nearest level, by the same midpoint arithmetic and tie rule (up) as base.nearest_level.
-                lo, hi = tables.brackets.index_select(1, cell)
+                lo, hi = _rows_at(tables.brackets, cell)
                 out[a : a + chunk_size] = torch.where(x >= (lo + hi) / 2, hi, lo)
+            elif tables.width == 2:
+                lo, hi = _rows_at(tables.brackets, cell)
+                out[a : a + chunk_size] = torch.addcmul(lo, _pair_probability(x, lo, hi, beta_value), hi - lo)
             else:
                 c, _, e, total = _window_weights(x, cell, tables, beta_value)
                 out[a : a + chunk_size] = (e * c).sum(dim=0).div_(total)
@@ -222,6 +267,13 @@ class _SoftQuantize(torch.autograd.Function):
         for a in range(0, flat.numel(), ctx.chunk_size):
             x, g = flat[a : a + ctx.chunk_size], grad_flat[a : a + ctx.chunk_size]
             cell = ctx.cells[a : a + ctx.chunk_size].long()
+            if tables.width == 2:
+                grad_x, level_grads, dot = _pair_backward(x, g, cell, tables, beta_value)
+                if grad_w is not None:
+                    grad_w[a : a + ctx.chunk_size] = grad_x
+                minus_grad_beta -= dot
+                per_cell.index_add_(1, cell, level_grads)
+                continue
             c, d, e, total = _window_weights(x, cell, tables, beta_value)
             p = e.div_(total)
             soft = (p * c).sum(dim=0)
@@ -234,6 +286,25 @@ class _SoftQuantize(torch.autograd.Function):
         grad_levels = torch.zeros_like(levels).index_add_(0, tables.level_index.reshape(-1), per_cell.reshape(-1))
         grad_beta = (-minus_grad_beta).to(beta.dtype)
         return (grad_w.reshape(w.shape) if grad_w is not None else None), grad_levels, grad_beta, None, None, None, None
+
+
+def _pair_backward(
+    x: torch.Tensor, g: torch.Tensor, cell: torch.Tensor, tables: _CellTables, beta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of a window of two, on n-vectors (the general formulas of :class:`_SoftQuantize` with
+    p = σ(t), w̃ = lo + p Δ, Δ = hi − lo, r = g p (1 − p) Δ = r_hi = −r_lo): ∂L/∂w = 2β r Δ, ∂L/∂hi = g p + 2β r (w −
+    hi), ∂L/∂lo = g (1 − p) − 2β r (w − lo), ∂L/∂β = r t / β = r Δ (2w − lo − hi). Returns (∂L/∂w, the level
+    gradients (2, n) as [lo, hi], ∂L/∂β summed)."""
+    lo, hi = _rows_at(tables.brackets, cell)
+    width = hi - lo
+    p = _pair_probability(x, lo, hi, beta)
+    gp = g * p
+    r = (g - gp).mul_(p).mul_(width)  # g p (1 − p) Δ
+    two_beta_r = r * (2 * beta)
+    grad_beta = torch.dot(r, (x + x).sub_(lo).sub_(hi).mul_(width)).double()
+    grad_hi = torch.addcmul(gp, two_beta_r, x - hi)
+    grad_lo = (g - gp).sub_(two_beta_r.mul(x - lo))
+    return two_beta_r.mul_(width), torch.stack([grad_lo, grad_hi]), grad_beta
 
 
 def soft_quantize(
