@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 
 import torch
@@ -41,17 +42,38 @@ def synthetic_batch(batch_frames: int, seconds: float = 3.0, words: int = 5, voc
     )
 
 
-def time_train_step(model: torch.nn.Module, batch: Batch, steps: int = 8, warmup: int = 2) -> float:
-    """Median seconds of one training step (forward, loss, backward, AdamW update) on ``batch``."""
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times = []
-    for i in range(warmup + steps):
+def time_train_steps(
+    models: Mapping[str, torch.nn.Module], batch: Batch, rounds: int = 5, steps: int = 2, warmup: int = 2
+) -> dict[str, float]:
+    """Median seconds of one training step (forward, loss, backward, AdamW update) on ``batch`` for each model.
+
+    The models take turns: after ``warmup`` steps each, every one of ``rounds`` rounds runs ``steps`` steps of
+    every model. A slow spell of the machine (this VM's speed wanders by 10-30% over tens of seconds) then slows
+    every model alike, where timing one model after another put it into whichever ratio ran at the time."""
+    runs = {}
+    for name, model in models.items():
+        model.train()
+        runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    times: dict[str, list[float]] = {name: [] for name in models}
+
+    def step(name: str) -> float:
+        model, optimizer = runs[name]
         t0 = time.perf_counter()
         loss, _ = model.loss(batch.feats, batch.feat_lens, batch.tokens, batch.token_lens)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return time.perf_counter() - t0
+
+    for name in models:
+        for _ in range(warmup):
+            step(name)
+    for _ in range(rounds):
+        for name in models:
+            times[name] += [step(name) for _ in range(steps)]
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def time_train_step(model: torch.nn.Module, batch: Batch) -> float:
+    """Median seconds of one training step of a single model (:func:`time_train_steps`)."""
+    return time_train_steps({"model": model}, batch)["model"]

@@ -5,8 +5,9 @@ on the Conformers).
     .venv/bin/python benchmarks/qat_step.py [--profile default] [--threads N] [--bits 4] [--gq-bits 8 4]
         [--native w8a8,w4a8,w4a4,mixed] [--no-memory]
 
-Time: the batch and timer of benchmarks/train_step.py (median of 8 steps after 2 warm-up), every quantizable weight
-at the given bits.
+Time: the batch of benchmarks/train_step.py, every quantizable weight at the given bits; the fp32 model and every QAT
+configuration of one baseline take turns in the same timed rounds (common.time_train_steps: median of 10 steps each),
+so a slow spell of the machine cannot land in one ratio only.
 
 - uniform: per-channel fake quantization (parametrized, straight-through).
 - s8bqat: the float forward plus the MRACos term in the loss; the hard compressor runs once every T updates, so its
@@ -37,7 +38,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import baseline_model, synthetic_batch, time_train_step
+from common import baseline_model, synthetic_batch, time_train_steps
 from torch import nn
 
 from sub8 import profiles
@@ -50,7 +51,7 @@ RNNT_NATIVE_PLANS = ("w8a8", "w4a8")  # the study compares the RNN-T at these on
 
 
 class Regularized(nn.Module):
-    """``model`` whose ``loss`` includes the hook's extra loss (what sub8.train.train adds), for time_train_step."""
+    """``model`` whose ``loss`` includes the hook's extra loss (what sub8.train.train adds), for time_train_steps."""
 
     def __init__(self, model: nn.Module, hooks: S8BQAT, step: int) -> None:
         super().__init__()
@@ -70,16 +71,18 @@ def median_seconds(fn: Callable[[], None], repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def uniform_step(model: nn.Module, batch: Batch, bits: int) -> float:
+Timed = tuple[nn.Module, float]  # (what time_train_steps runs, seconds added per step for work outside the step)
+
+
+def uniform_qat(model: nn.Module, bits: int) -> Timed:
     UniformQAT(QuantPlan.uniform(bits)).on_train_start(model, None)
-    return time_train_step(model, batch)
+    return model, 0.0
 
 
-def s8bqat_step(model: nn.Module, batch: Batch, bits: int, compress_every: int) -> float:
+def s8bqat(model: nn.Module, bits: int, compress_every: int) -> Timed:
     hooks = S8BQAT(QuantPlan.uniform(bits), ramp_steps=0)
     hooks.on_train_start(model, None)
-    seconds = time_train_step(Regularized(model, hooks, step=1), batch)
-    return seconds + median_seconds(lambda: hooks.hard_compress(model), repeats=3) / compress_every
+    return Regularized(model, hooks, step=1), median_seconds(lambda: hooks.hard_compress(model), repeats=3) / compress_every
 
 
 def with_gq(model: nn.Module, bits: int, step: int) -> GQ:
@@ -91,15 +94,14 @@ def with_gq(model: nn.Module, bits: int, step: int) -> GQ:
     return hooks
 
 
-def gq_step(model: nn.Module, batch: Batch, bits: int, step: int) -> float:
+def gq(model: nn.Module, bits: int, step: int) -> Timed:
     hooks = with_gq(model, bits, step)
-    projection = median_seconds(lambda: [q.project_(None) for q in hooks.tensors.values()])
-    return time_train_step(model, batch) + projection
+    return model, median_seconds(lambda: [q.project_(None) for q in hooks.tensors.values()])
 
 
-def native_step(model: nn.Module, batch: Batch, plan: str) -> float:
+def native(model: nn.Module, plan: str) -> Timed:
     NativeQAT(native_plan(plan, model.config.encoder)).on_train_start(model, None)
-    return time_train_step(model, batch)
+    return model, 0.0
 
 
 def status_bytes(field: str) -> int:
@@ -195,23 +197,27 @@ def main() -> None:
         def fresh() -> nn.Module:
             return baseline_model(prof, name, device)
 
-        fp32 = time_train_step(fresh(), batch)
-        ratios = {
-            "uniform": uniform_step(fresh(), batch, args.bits) / fp32,
-            "s8bqat": s8bqat_step(fresh(), batch, args.bits, args.compress_every) / fp32,
+        timed: dict[str, Timed] = {
+            "fp32": (fresh(), 0.0),
+            "uniform": uniform_qat(fresh(), args.bits),
+            "s8bqat": s8bqat(fresh(), args.bits, args.compress_every),
         }
         for bits in args.gq_bits:
-            ratios[f"gq{bits} soft"] = gq_step(fresh(), batch, bits, step=1) / fp32
-            ratios[f"gq{bits} hard"] = gq_step(fresh(), batch, bits, step=GQ_ANNEAL_STEPS) / fp32
-        if not args.no_memory:
-            fp32_memory = peak_memory(prof.name, name, 0, args.threads)
-            for bits in args.gq_bits:
-                ratios[f"gq{bits} mem"] = peak_memory(prof.name, name, bits, args.threads) / fp32_memory
+            timed[f"gq{bits} soft"] = gq(fresh(), bits, step=1)
+            timed[f"gq{bits} hard"] = gq(fresh(), bits, step=GQ_ANNEAL_STEPS)
         encoder = fresh().config.encoder
         for plan in native_plans:
             if encoder == "lstm" and plan not in RNNT_NATIVE_PLANS:
                 continue
-            ratios[f"nat {plan}"] = native_step(fresh(), batch, plan) / fp32
+            timed[f"nat {plan}"] = native(fresh(), plan)
+        seconds = time_train_steps({label: model for label, (model, _) in timed.items()}, batch)
+        fp32 = seconds["fp32"]
+        ratios = {label: (seconds[label] + extra) / fp32 for label, (_, extra) in timed.items()}
+        del timed
+        if not args.no_memory:
+            fp32_memory = peak_memory(prof.name, name, 0, args.threads)
+            for bits in args.gq_bits:
+                ratios[f"gq{bits} mem"] = peak_memory(prof.name, name, bits, args.threads) / fp32_memory
         cells = [f"{ratios[c]:10.3f}" if c in ratios else f"{'-':>10s}" for c in columns]
         print(f"{name:16s} {fp32 * 1000:8.0f} " + " ".join(cells), flush=True)
 

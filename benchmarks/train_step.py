@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/train_step.py [--profile default] [--threads N]
 
 Times forward + transducer/CTC loss + backward + AdamW on one batch the size of the profile's frame budget
-(3 s utterances, 5 words each), median of 8 steps after 2 warm-up steps.
+(3 s utterances, 5 words each), median of 10 steps after 2 warm-up steps (common.time_train_steps).
 """
 
 from __future__ import annotations
