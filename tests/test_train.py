@@ -3,6 +3,7 @@ real transducer that learns a handful of synthesized utterances."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -56,6 +57,7 @@ def make_loader(num_shards: int = 1, shard: int = 0) -> BatchLoader:
 class TinyConfig:
     vocab_size: int
     hidden: int = 16
+    dropout: float = 0.2
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,7 +72,7 @@ class TinyModel(nn.Module):
         torch.manual_seed(seed)
         self.config = TinyConfig(vocab_size=build_tokenizer("char", TEXTS).vocab_size)
         self.proj = nn.Linear(80, self.config.hidden)
-        self.drop = nn.Dropout(0.2)
+        self.drop = nn.Dropout(self.config.dropout)
         self.out = nn.Linear(self.config.hidden, self.config.vocab_size)
 
     def loss(self, feats, feat_lens, tokens, token_lens):
@@ -174,6 +176,21 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     train(TinyModel(), make_loader(), config(log_every=1, ckpt_every=4), tmp_path)  # logging changes are fine
 
 
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_a_checkpoint_of_another_architecture_is_refused(tmp_path, interrupted):
+    """Even where every shape matches (here the same layers, another dropout): loading it would reuse stale weights."""
+    if interrupted:
+        with pytest.raises(Interrupted):
+            train(TinyModel(), make_loader(), config(), tmp_path, ProbeHooks(kill_at=5))
+    else:
+        train(TinyModel(), make_loader(), config(), tmp_path)
+    other = TinyModel()
+    other.config = dataclasses.replace(other.config, dropout=0.5)
+    path = tmp_path / ("last.pt" if interrupted else "final.pt")
+    with pytest.raises(ValueError, match=rf"{path} holds a model of another configuration \(dropout: 0.2 -> 0.5\)"):
+        train(other, make_loader(), config(), tmp_path)
+
+
 @pytest.mark.parametrize("kind, what", [("loss", "loss_extra nan"), ("grad", "grad_norm nan")])
 def test_non_finite_loss_stops_before_the_update(tmp_path, kind, what):
     model = TinyModel()
@@ -202,7 +219,7 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     for name in ("last.pt", "final.pt"):
         ckpt = torch.load(tmp_path / name, weights_only=True)
         assert ckpt["step"] == 10 and ckpt["epoch"] == 2
-        assert ckpt["model_config"] == {"vocab_size": TinyModel().config.vocab_size, "hidden": 16}
+        assert ckpt["model_config"] == {"vocab_size": TinyModel().config.vocab_size, "hidden": 16, "dropout": 0.2}
         assert ckpt["train_config"] == config().to_dict()
         assert ckpt["hooks"] == {"calls": 10}
         assert ckpt["loader"] == {"epoch": 2, "position": 2}

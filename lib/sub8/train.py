@@ -204,10 +204,13 @@ def train(
     last_path, final_path = run_dir / "last.pt", run_dir / "final.pt"
     hooks = hooks if hooks is not None else Hooks()
 
+    # The model's own config (e.g. TransducerConfig), so a checkpoint alone rebuilds the model.
+    model_config = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else None
     if final_path.is_file():
         final = load_checkpoint(final_path)
         if final["step"] == cfg.max_steps:
             _check_same_config(final["train_config"], cfg, final_path)
+            _check_same_model(final.get("model_config"), model_config, final_path)
             model.load_state_dict(final["model"])
             return TrainResult(final["history"], final_path, final["seconds"] / 60)
     if len(loader) == 0:
@@ -233,6 +236,7 @@ def train(
         if last_path.is_file():
             ckpt = load_checkpoint(last_path)
             _check_same_config(ckpt["train_config"], cfg, last_path)
+            _check_same_model(ckpt.get("model_config"), model_config, last_path)
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
@@ -243,8 +247,6 @@ def train(
         else:
             loader.set_epoch(0)
         last_good = f"{last_path} (step {step})" if last_path.is_file() else "none (no checkpoint written yet)"
-        # The model's own config (e.g. TransducerConfig), so a checkpoint alone rebuilds the model.
-        model_config = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else None
 
         # DDP averages gradients only through forward(), so under torchrun model.loss is routed through it.
         if env.world_size > 1:
@@ -364,6 +366,18 @@ def _check_same_config(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> N
             f"{path} was written with a different TrainConfig ({'; '.join(changed)}); "
             f"use the same config, or delete {path.parent} to start over"
         )
+
+
+def _check_same_model(saved: dict[str, Any] | None, current: dict[str, Any] | None, path: Path) -> None:
+    """A checkpoint of another architecture (e.g. a changed preset) must not be taken for this run's: some changes
+    keep every shape (dropout, chunk size, loss weights), and loading it would then silently reuse stale weights."""
+    if saved == current:
+        return
+    changed = [f"{k}: {(saved or {}).get(k)!r} -> {(current or {}).get(k)!r}"
+               for k in sorted((saved or {}).keys() | (current or {}).keys())
+               if (saved or {}).get(k) != (current or {}).get(k)]
+    raise ValueError(f"{path} holds a model of another configuration ({'; '.join(changed)}); "
+                     f"train with the same one, or delete {path.parent} to start over")
 
 
 class _LossForward(nn.Module):
