@@ -18,6 +18,7 @@ from sub8.data.prepare import PreparedData
 from sub8.evaluate import EvalResult, decode, evaluate, score_feature_set
 from sub8.io import atomic_write_text, load_checkpoint
 from sub8.models import PRESETS, Transducer, TransducerConfig, build_model, count_parameters
+from sub8.parallel import run_side_by_side
 from sub8.profiles import Profile
 from sub8.train import Hooks, TrainConfig, TrainResult, train
 
@@ -79,6 +80,33 @@ def train_baseline(data: PreparedData, name: str, force: bool = False) -> TrainR
     torch.manual_seed(cfg.seed)  # the initial weights
     model = build_model(baseline_config(data, name))
     return train_model(data, name, model, cfg, shortest_first_epochs=recipe.shortest_first_epochs, force=force)
+
+
+def train_baselines(data: PreparedData, names: list[str], force: bool = False) -> None:
+    """Train the baselines ``names`` and decode their dev and test splits, side by side
+    (:func:`sub8.parallel.run_side_by_side`): the longest first (most updates × parameters). Finished ones are
+    skipped unless ``force``; afterwards :func:`train_baseline` and :func:`evaluate_model` only load them."""
+    recipes = data.profile.baselines
+    threads = {recipes[name].train.get("num_threads") for name in names}
+    if len(threads) > 1:
+        raise ValueError(f"train_baselines: the baselines' schedules ask for different num_threads {threads}")
+    pending = [name for name in names if force or not _evaluated(data.profile, name)]
+    cost = {name: recipes[name].train.get("max_steps", TrainConfig.max_steps)
+            * count_parameters(build_model(baseline_config(data, name))) for name in pending}
+    pending.sort(key=lambda name: -cost[name])
+    run_side_by_side(_baseline_job, data, [(name, force) for name in pending], pending, threads.pop() if threads else None)
+
+
+def _evaluated(profile: Profile, name: str) -> bool:
+    run_dir = model_dir(profile, name)
+    return all((run_dir / f).is_file() for f in ("final.pt", "eval_dev.csv", "eval_test.csv"))
+
+
+def _baseline_job(data: PreparedData, name: str, force: bool) -> None:
+    train_baseline(data, name, force=force)
+    model = load_model(data.profile, name)
+    for split in ("dev", "test"):
+        evaluate_model(data, name, model, split)
 
 
 def finetune(

@@ -66,6 +66,7 @@ from sub8.evaluate import EvalResult, compare
 from sub8.experiment import evaluate_model, finetune, hooks_state, load_model, model_dir, train_loader
 from sub8.io import atomic_write_text, load_checkpoint
 from sub8.models import Transducer
+from sub8.parallel import run_side_by_side
 from sub8.profiles import Profile
 from sub8.quant import (
     GQ,
@@ -459,6 +460,58 @@ def finetune_row(
     size = _METHODS[method].size(model, plan, exported)
     row = _row(base, method, bits, test, fp32, size, final["step"], final["seconds"] / 60)
     return MethodResult(name, row, test, plan)
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """One fine-tune of :func:`finetune_rows`: the arguments of a :func:`finetune_row` call."""
+
+    base: str
+    method: str
+    plan: QuantPlan | NativePlan | None = None
+    options: Mapping[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return run_name(self.base, self.method, self.plan)
+
+
+def finetune_rows(
+    data: PreparedData,
+    jobs: Sequence[FineTune],
+    *,
+    fp32: Mapping[str, EvalResult] | None = None,
+    force: bool = False,
+) -> list[MethodResult]:
+    """:func:`finetune_row` of every job, in order; the fine-tunes (and their test decodes) that are not finished run
+    side by side first (:func:`sub8.parallel.run_side_by_side`, the profile's fine-tune threads each; the largest
+    baselines' first, as they take longest). A run that appears twice runs once.
+
+    ``fp32``: each baseline's test result (:func:`fp32_result`) by name, where the caller has it."""
+    fp32 = dict(fp32 or {})
+    unique = list({job.name: job for job in jobs}.values())
+    pending = unique if force else [job for job in unique if not _finished(data.profile, job)]
+    sizes = {base: sum(p.numel() for p in load_model(data.profile, base).parameters())
+             for base in {job.base for job in pending}}
+    pending.sort(key=lambda job: -sizes[job.base])
+    run_side_by_side(_finetune_job, data, [(job, force) for job in pending], [job.name for job in pending],
+                     data.profile.finetune.get("num_threads"))
+    return [finetune_row(data, job.base, job.method, job.plan, job.options, fp32=fp32.get(job.base))
+            for job in jobs]
+
+
+def _finished(profile: Profile, job: FineTune) -> bool:
+    """Whether ``job``'s run finished with these settings: its recorded spec, final checkpoint and test decode."""
+    run_dir = model_dir(profile, job.name)
+    if not ((run_dir / "final.pt").is_file() and (run_dir / "eval_test.csv").is_file()
+            and (run_dir / "qat.json").is_file()):
+        return False
+    spec = _spec(profile, job.base, job.method, job.plan, dict(job.options or {}))
+    return json.loads((run_dir / "qat.json").read_text()) == spec
+
+
+def _finetune_job(data: PreparedData, job: FineTune, force: bool) -> None:
+    finetune_row(data, job.base, job.method, job.plan, job.options, force=force)
 
 
 def ptq_model(profile: Profile, base: str, plan: QuantPlan) -> tuple[Transducer, dict[str, Quantizer]]:
