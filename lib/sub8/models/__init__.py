@@ -35,6 +35,8 @@ def rnnt_large(vocab_size: int) -> TransducerConfig:
 
 
 def conformer_small(vocab_size: int) -> TransducerConfig:
+    # 32 subsampling channels, not 64: with 64 the backward of the second 3x3 convolution (64 -> 64 channels at
+    # 20 ms x 40 mel bins) took a third of a training step on the CPU; with 32 a step is 23% (large: 16%) shorter.
     return TransducerConfig(
         encoder="conformer",
         vocab_size=vocab_size,
@@ -42,6 +44,7 @@ def conformer_small(vocab_size: int) -> TransducerConfig:
         conformer_layers=4,
         conformer_heads=4,
         conformer_ffn_dim=576,
+        conformer_subsampling_channels=32,
     )
 
 
@@ -54,6 +57,7 @@ def conformer_large(vocab_size: int) -> TransducerConfig:
         conformer_layers=4,
         conformer_heads=4,
         conformer_ffn_dim=768,
+        conformer_subsampling_channels=32,
     )
 
 
