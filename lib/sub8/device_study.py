@@ -66,6 +66,7 @@ from sub8.emulator.reference import run_onnx_node
 from sub8.evaluate import EvalResult, decode, score_feature_set
 from sub8.experiment import evaluate_model, hooks_state, load_model, model_dir
 from sub8.io import atomic_write_text
+from sub8.parallel import run_side_by_side
 from sub8.profiles import Profile
 from sub8.qat import (
     FP32_BITS, check_export, checkpoint_digest, make_hooks, plan_bits, registered_methods, trained_quantizers,
@@ -292,16 +293,32 @@ def integer_result(
     csv, meta = run_dir / f"{INT_CACHE}.csv", run_dir / f"{INT_CACHE}.json"
     fs = data.features["test"]
     settings = integer_settings(data.profile, spec, calibration_utterances)
-    if not force and csv.is_file() and meta.is_file() and json.loads(meta.read_text()) == settings:
-        cached = pd.read_csv(csv, keep_default_na=False, dtype=str)
-        if list(cached.utt_id) == list(fs.utt_ids):
-            return score_feature_set(fs, list(cached.hyp))
+    cached = None if force else _cached_integer_hyps(data, spec, calibration_utterances)
+    if cached is not None:
+        return score_feature_set(fs, cached)
     calibration = prog.calibration_features(data.features["dev"], data.cmvn, calibration_utterances)
     program = prog.to_integer_program(model, dict(exported), calibration)
     hyps = decode(program, fs, data.cmvn, data.tokenizer, data.profile.eval_batch_frames)
     atomic_write_text(csv, pd.DataFrame({"utt_id": fs.utt_ids, "hyp": hyps}).to_csv(index=False))
     atomic_write_text(meta, json.dumps(settings, indent=1, sort_keys=True) + "\n")
     return score_feature_set(fs, hyps)
+
+
+def _cached_integer_hyps(data: PreparedData, spec: RunSpec, calibration_utterances: int) -> list[str] | None:
+    """The integer program's cached test hypotheses of the run, if they belong to its current settings."""
+    run_dir = model_dir(data.profile, spec.name)
+    csv, meta = run_dir / f"{INT_CACHE}.csv", run_dir / f"{INT_CACHE}.json"
+    if not (csv.is_file() and meta.is_file()):
+        return None
+    if json.loads(meta.read_text()) != integer_settings(data.profile, spec, calibration_utterances):
+        return None
+    cached = pd.read_csv(csv, keep_default_na=False, dtype=str)
+    return list(cached.hyp) if list(cached.utt_id) == list(data.features["test"].utt_ids) else None
+
+
+def _integer_job(data: PreparedData, spec: RunSpec, force: bool, calibration_utterances: int) -> None:
+    model, exported, _, _ = load_run(data.profile, spec)
+    integer_result(data, spec, model, exported, force=force, calibration_utterances=calibration_utterances)
 
 
 def prepare_runs(
@@ -313,8 +330,15 @@ def prepare_runs(
     again). ``integer_wer``: True for every such run, False for none, or the run names (:attr:`RunSpec.name`) to
     convert (the integer decode is the expensive step: ~0.015-0.02 × the audio per run, see
     :mod:`sub8.emulator.program` and :mod:`sub8.emulator.conformer_program`)."""
+    specs = list(specs)
     durations = split_durations_s(data)
     max_audio_s = max_audio_s or max(MAX_AUDIO_S, math.ceil(float(durations.max())))
+    decoded = [spec for spec in specs if spec.method != FP32
+               and (integer_wer if isinstance(integer_wer, bool) else spec.name in set(integer_wer))]
+    # The integer decodes first, side by side (the programs are NumPy: one core each); then only read back below.
+    pending = [spec for spec in decoded if force or _cached_integer_hyps(data, spec, calibration_utterances) is None]
+    run_side_by_side(_integer_job, data, [(spec, force, calibration_utterances) for spec in pending],
+                     [spec.name for spec in pending], num_threads=1)
     runs = []
     for spec in specs:
         model, exported, hooks, plan = load_run(data.profile, spec)
@@ -323,10 +347,8 @@ def prepare_runs(
         tokens = [len(data.tokenizer.encode(hyp)) if hyp.strip() else 0 for hyp in fq.per_utterance.hyp]
         run = DeviceRun(spec, model, exported, hooks, FP32_BITS if plan is None else plan_bits(model, plan), work,
                         streaming_utterances(durations, tokens), fq)
-        wanted = integer_wer if isinstance(integer_wer, bool) else spec.name in set(integer_wer)
-        if wanted and exported:
-            run.integer = integer_result(data, spec, model, exported, force=force,
-                                         calibration_utterances=calibration_utterances)
+        if spec in decoded and exported:  # decoded above: read back (force is spent)
+            run.integer = integer_result(data, spec, model, exported, calibration_utterances=calibration_utterances)
         runs.append(run)
     return runs
 

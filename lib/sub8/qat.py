@@ -677,6 +677,18 @@ def _sensitivity_path(profile: Profile, base: str) -> Path:
     return profile.runs_dir / "gq" / f"sensitivity_{base}.json"
 
 
+def _sensitivity_spec(data: PreparedData, base: str, num_batches: int, bits: Sequence[int], seed: int) -> dict:
+    """What a cached sensitivity measurement was made on."""
+    return {"base": base, "base_digest": checkpoint_digest(data.profile, base), "bits": sorted(set(bits)),
+            "num_batches": num_batches, "seed": seed, "batch_frames": data.profile.batch_frames}
+
+
+def _sensitivity_cached(data: PreparedData, base: str, num_batches: int, bits: Sequence[int], seed: int) -> bool:
+    path = _sensitivity_path(data.profile, base)
+    spec = _sensitivity_spec(data, base, num_batches, bits, seed)
+    return path.is_file() and json.loads(path.read_text())["spec"] == spec
+
+
 def gq_sensitivity(
     data: PreparedData,
     base: str,
@@ -694,8 +706,7 @@ def gq_sensitivity(
     profile a Conformer costs ~40 weights × 7 widths × ``num_batches`` forwards."""
     if num_batches < 1:
         raise ValueError(f"gq_sensitivity: num_batches must be >= 1, got {num_batches}")
-    spec = {"base": base, "base_digest": checkpoint_digest(data.profile, base), "bits": sorted(set(bits)),
-            "num_batches": num_batches, "seed": seed, "batch_frames": data.profile.batch_frames}
+    spec = _sensitivity_spec(data, base, num_batches, bits, seed)
     path = _sensitivity_path(data.profile, base)
     if path.is_file() and not force:
         cached = json.loads(path.read_text())
@@ -716,6 +727,27 @@ def gq_sensitivity(
         torch.set_num_threads(threads)
     atomic_write_text(path, json.dumps({"spec": spec, "sensitivity": table}, indent=1) + "\n")
     return table
+
+
+def gq_sensitivities(
+    data: PreparedData,
+    bases: Sequence[str],
+    num_batches: int = 4,
+    bits: Sequence[int] = ALLOCATION_BITS,
+    seed: int = 0,
+    force: bool = False,
+) -> dict[str, dict[str, dict[int, float]]]:
+    """:func:`gq_sensitivity` of every baseline in ``bases`` (by name), measured side by side
+    (:func:`sub8.parallel.run_side_by_side`, the profile's fine-tune threads each) where not cached."""
+    pending = [base for base in bases if force or not _sensitivity_cached(data, base, num_batches, bits, seed)]
+    run_side_by_side(_sensitivity_job, data, [(base, num_batches, tuple(bits), seed, force) for base in pending],
+                     pending, data.profile.finetune.get("num_threads"))
+    return {base: gq_sensitivity(data, base, num_batches, bits, seed) for base in bases}
+
+
+def _sensitivity_job(data: PreparedData, base: str, num_batches: int, bits: Sequence[int], seed: int,
+                     force: bool) -> None:
+    gq_sensitivity(data, base, num_batches, bits, seed, force)
 
 
 def sensitivity_table(sensitivities: Mapping[str, Mapping[str, Mapping[int, float]]],
