@@ -189,6 +189,21 @@ def test_reduction_table_every_plan_and_missing_reference():
         ds.reduction_table(pd.concat([table, constructed("phone")]), "gq")
 
 
+def test_mixed_plan_table_marks_the_best_plan_within_the_wer_bound():
+    table = constructed()
+    extra = table[table.run == "m_large-gq-all4_joiner8"].assign(
+        plan="auto-3b", run="m_large-gq-auto-3b", footprint_bytes=900, wer_fq=8.1)  # 55% smaller, +1.25%
+    worse = extra.assign(plan="mixed-x", run="m_large-gq-mixed-x", footprint_bytes=600, wer_fq=9.0)  # +12.5%
+    mixed = ds.mixed_plan_table(pd.concat([table, extra, worse], ignore_index=True))
+    assert list(mixed.columns) == list(ds.MIXED_COLUMNS)
+    assert sorted(mixed.run) == ["m_large-gq-all4_joiner8", "m_large-gq-auto-3b", "m_large-gq-mixed-x"]  # no 5b
+    rows = mixed.set_index("run")
+    assert rows.within_wer_target.to_dict() == {"m_large-gq-all4_joiner8": True, "m_large-gq-auto-3b": True,
+                                                "m_large-gq-mixed-x": False}
+    assert rows.meets_memory_target.all()  # 45%, 55%, 70% ≥ 40%
+    assert rows.best[rows.best].index.tolist() == ["m_large-gq-auto-3b"]  # the smallest within +2%
+
+
 def test_s8bqat_comparison_ratios():
     table = ds.s8bqat_comparison(constructed(), [("m_small", "m_large")])
     assert list(table.columns) == list(ds.S8BQAT_COMPARISON_COLUMNS)

@@ -50,6 +50,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -90,6 +91,9 @@ WER_INT_TOLERANCE = 0.5  # issue 7: |WER(integer) − WER(fake-quant)| ≤ 0.5 a
 # The GQ seed's figures (issue 7): GQ at 5 bits vs 8-bit QAT on the default preset.
 GQ_MEMORY_TARGET_PCT = 30.73
 GQ_UPL_TARGET_PCT = 31.75
+# Issue 7: the best plan mixing bit widths saves at least 40% memory against 8-bit QAT at at most 2% relative WER loss.
+MIXED_MEMORY_TARGET_PCT = 40.0
+MIXED_MAX_WER_REL_PCT = 2.0
 NOTE_FP32 = "float32 weights: no integer program, wer_int NaN"
 NOTE_NOT_DECODED = "integer program not decoded for this run (not among the runs asked for): wer_int NaN"
 INT_CACHE = "eval_int_test"  # <run>/eval_int_test.csv (+ .json): the integer program's test hypotheses
@@ -505,6 +509,24 @@ def gq_comparison(table: pd.DataFrame, plan: str = "5b", reference: tuple[str, s
     return out[list(GQ_COMPARISON_COLUMNS)]
 
 
+MIXED_COLUMNS = (*REDUCTION_COLUMNS, "within_wer_target", "meets_memory_target", "best")
+
+
+def mixed_plan_table(table: pd.DataFrame, reference: tuple[str, str] = REFERENCE) -> pd.DataFrame:
+    """Issue 7's mixed-plan target: every GQ run whose plan mixes bit widths (``mixed-*``, ``auto-*``) against 8-bit
+    uniform QAT (:func:`reduction_table`, one preset), with whether its relative WER loss is within
+    :data:`MIXED_MAX_WER_REL_PCT` and its memory reduction at least :data:`MIXED_MEMORY_TARGET_PCT`; ``best`` marks,
+    per baseline, the run with the largest memory reduction among those within the WER bound."""
+    mixed = sorted(p for p in table[table.run_method == "gq"].plan.unique() if not re.fullmatch(r"\d+b", p))
+    out = reduction_table(table, "gq", mixed, reference)
+    out["within_wer_target"] = out.wer_rel_pct <= MIXED_MAX_WER_REL_PCT
+    out["meets_memory_target"] = out.memory_reduction_pct >= MIXED_MEMORY_TARGET_PCT
+    eligible = out[out.within_wer_target]
+    best = set(eligible.loc[eligible.groupby("model").memory_reduction_pct.idxmax()].run) if len(eligible) else set()
+    out["best"] = out.run.isin(best)
+    return out[list(MIXED_COLUMNS)]
+
+
 S8BQAT_COMPARISON_COLUMNS = (
     "large", "large_run", "large_bits", "small", "small_run", "large_footprint_bytes", "small_footprint_bytes",
     "footprint_ratio", "large_latency_ms_per_frame", "small_latency_ms_per_frame", "latency_ratio",
@@ -686,7 +708,7 @@ def _max_diff(got: np.ndarray, expected: np.ndarray) -> int:
 __all__ = [
     "DEVICE_COLUMNS", "DEVICE_METHODS", "EXTRA_COLUMNS", "FOOTPRINT_COLUMNS", "GQ_COMPARISON_COLUMNS", "ORT_COLUMNS",
     "REDUCTION_COLUMNS", "S8BQAT_COMPARISON_COLUMNS", "DeviceRun", "RunSpec", "device_row", "device_table",
-    "footprint_table", "gq_comparison", "integer_result", "integer_wer_table", "load_run", "ort_bit_exactness",
+    "MIXED_COLUMNS", "footprint_table", "gq_comparison", "integer_result", "mixed_plan_table", "integer_wer_table", "load_run", "ort_bit_exactness",
     "prepare_runs", "preset_table", "reduction_pct", "reduction_table", "run_exists", "run_onnx_node",
     "s8bqat_comparison", "select_runs", "split_durations_s", "streaming_utterances", "sweep_comparisons",
     "sweep_grid", "sweep_table",
