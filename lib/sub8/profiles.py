@@ -135,7 +135,8 @@ PROFILES: dict[str, Profile] = {
         # shortest-first epoch, ~step 300) and only left the plateau after ~450 steps at 1e-3 with a 300-step
         # warm-up, so they get that schedule; random order from the start (no curriculum) was slower. At 1,500
         # updates they had not converged (an fp32 fine-tune of 200 more updates gained 0.5-0.9 WER points), hence
-        # 2,000, paid for by their narrower subsampling (sub8.models.conformer_small).
+        # 2,000, paid for by their narrower subsampling; their CTC weight of 1.0 takes them off the plateau ~300
+        # updates sooner (both in sub8.models, above conformer_small).
         # One thread a run, runs side by side (sub8.parallel): on 2 cores two single-threaded runs do 1.25-1.3x the
         # work of one run on both, and a run's numbers do not depend on what else runs beside it.
         baselines=_baselines(
