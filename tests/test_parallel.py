@@ -20,7 +20,8 @@ from sub8.quant import QuantPlan
 
 def record_worker(out_dir: str, label: str) -> None:
     """A job: note which process ran it, with how many threads, and what it shares."""
-    Path(out_dir, f"{label}.json").write_text(json.dumps({"pid": os.getpid(), "threads": torch.get_num_threads()}))
+    Path(out_dir, f"{label}.json").write_text(json.dumps({"pid": os.getpid(), "threads": torch.get_num_threads(),
+                                                          "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS")}))
 
 
 def failing_job(out_dir: str, label: str) -> None:
@@ -38,12 +39,15 @@ def test_parallel_workers_is_one_per_thread_budget_and_one_when_runs_take_every_
 
 def test_every_job_runs_once_with_the_threads_asked(tmp_path):
     labels = [f"job{i}" for i in range(5)]
+    blas_before = os.environ.get("OPENBLAS_NUM_THREADS")
     run_side_by_side(record_worker, str(tmp_path), [(label,) for label in labels], labels, num_threads=1)
     ran = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
     assert sorted(ran) == labels
     assert all(r["threads"] == 1 for r in ran.values())
-    if parallel_workers(1) > 1:  # in worker processes, not in this one
+    if parallel_workers(1) > 1:  # in worker processes, not in this one, whose BLAS pools are one thread too
         assert os.getpid() not in {r["pid"] for r in ran.values()}
+        assert all(r["blas_threads"] == "1" for r in ran.values())
+    assert os.environ.get("OPENBLAS_NUM_THREADS") == blas_before  # this process's environment is left as it was
 
 
 @pytest.mark.parametrize("jobs", [1, 3])  # alone: in this process; beside others: in a worker

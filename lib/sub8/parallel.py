@@ -23,7 +23,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
 
@@ -60,8 +61,9 @@ def run_side_by_side(
         return
     start = time.perf_counter()
     print(f"{len(args)} runs, {workers} at a time ({num_threads} thread(s) each)", flush=True)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                             initargs=(context, num_threads)) as executor:
+    with _thread_limits(num_threads), ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+            initargs=(context, num_threads)) as executor:
         futures = {executor.submit(_run_job, job, *a): label for a, label in zip(args, labels)}
         pending = set(futures)
         while pending:
@@ -75,6 +77,27 @@ def run_side_by_side(
                 finished = len(futures) - len(pending)
                 print(f"  [{finished}/{len(futures)}] {futures[future]} done "
                       f"({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
+
+
+# Read once, when a worker imports NumPy (OpenBLAS) or torch: without them every worker starts a BLAS thread per core,
+# which spins beside the worker's own thread (measured in 06's NumPy integer decodes: a second thread at ~50% CPU in
+# each worker, half of the machine's time spent in the kernel).
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextmanager
+def _thread_limits(num_threads: int) -> Iterator[None]:
+    """The environment the spawned workers inherit: every thread pool at ``num_threads``."""
+    saved = {name: os.environ.get(name) for name in _THREAD_VARIABLES}
+    os.environ.update({name: str(num_threads) for name in _THREAD_VARIABLES})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 _worker_context: Any = None  # in a worker process: the context its jobs share
