@@ -42,6 +42,14 @@ def synthetic_batch(batch_frames: int, seconds: float = 3.0, words: int = 5, voc
     )
 
 
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch) -> None:
+    """One training update on ``batch``: forward, transducer loss, backward, optimizer step."""
+    loss, _ = model.loss(batch.feats, batch.feat_lens, batch.tokens, batch.token_lens)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def time_train_steps(
     models: Mapping[str, torch.nn.Module], batch: Batch, rounds: int = 5, steps: int = 2, warmup: int = 2
 ) -> dict[str, float]:
@@ -57,12 +65,8 @@ def time_train_steps(
     times: dict[str, list[float]] = {name: [] for name in models}
 
     def step(name: str) -> float:
-        model, optimizer = runs[name]
         t0 = time.perf_counter()
-        loss, _ = model.loss(batch.feats, batch.feat_lens, batch.tokens, batch.token_lens)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(*runs[name], batch)
         return time.perf_counter() - t0
 
     for name in models:

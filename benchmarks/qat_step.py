@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import baseline_model, synthetic_batch, time_train_steps
+from common import baseline_model, synthetic_batch, time_train_steps, train_step
 from torch import nn
 
 from sub8 import profiles
@@ -138,10 +138,7 @@ def memory_child(profile_name: str, model_name: str, bits: int, threads: int) ->
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for _ in range(3):
-        loss, _ = model.loss(batch.feats, batch.feat_lens, batch.tokens, batch.token_lens)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(model, optimizer, batch)
         if hooks is not None:
             hooks.after_step(1, model, optimizer)
     if device.type == "cuda":

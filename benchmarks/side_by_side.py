@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import baseline_model, synthetic_batch, time_train_steps
+from common import baseline_model, synthetic_batch, time_train_steps, train_step
 
 from sub8 import profiles
 from sub8.parallel import parallel_workers, run_side_by_side
@@ -32,18 +32,11 @@ def timed_run(out_dir: str, profile: str, name: str, steps: int, start_at: float
     prof = profiles.get(profile)
     model, batch = baseline_model(prof, name), synthetic_batch(prof.batch_frames)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step() -> None:
-        loss, _ = model.loss(batch.feats, batch.feat_lens, batch.tokens, batch.token_lens)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    step()  # warm-up
+    train_step(model, optimizer, batch)  # warm-up
     time.sleep(max(0.0, start_at - time.time()))
     t0 = time.perf_counter()
     for _ in range(steps):
-        step()
+        train_step(model, optimizer, batch)
     Path(out_dir, f"{index}.json").write_text(json.dumps({"seconds": time.perf_counter() - t0}))
 
 
