@@ -74,7 +74,11 @@ Design decisions, and why:
   bits; heavier tails (Student-t, 4 degrees of freedom) want larger μ at 5–6 bits (2.4–4.4 × at μ = 4). Larger μ
   was worse on all but those; the levels move from this start in training anyway.
 - nn.LSTM reads each weight up to four times per forward; a parametrization reuses its output until the backward
-  has consumed it (:class:`_Reusable`), so the fused LSTM kernel costs one GQ evaluation per weight too.
+  has consumed it (:class:`_Reusable`), so the fused LSTM kernel costs one GQ evaluation per weight too. (sub8.train
+  runs its forward under ``parametrize.cached()``, which does the same for every parametrization; the reuse keeps
+  GQ as cheap in a training loop without it.)
+- No bool tensors in the per-weight passes: a comparison is made into a float tensor and selects by ``lerp``
+  (:func:`_select`); ``torch.where`` on this CPU cost 30x a float multiply.
 - Evaluation (a module in eval mode, e.g. the dev evaluation during training) always runs the int8-grid
   hard-quantized weights, cached until the weight, ``s`` or ``u`` changes (greedy decoding reads the predictor and
   joiner weights at every step).
@@ -190,11 +194,23 @@ class _CellIndex:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         b = (x - self.low).mul_(self.inv_width).clamp_(0, self.bins - 1).int()  # int32: a 4x cheaper cast
         start, threshold, target = _rows_at(self.table, b)
-        cell = torch.where(x >= threshold, target, start).long()  # a pass where none was needed changes nothing
+        cell = _select(x, threshold, target, start)  # a pass where none was needed changes nothing
         for _ in range(self.passes - 1):
-            step = x >= self.thresholds.index_select(0, cell)
-            cell = torch.where(step, self.targets.index_select(0, cell).long(), cell)
-        return cell
+            index = cell.long()
+            cell = _select(x, self.thresholds.index_select(0, index), self.targets.index_select(0, index), cell)
+        return cell.long()
+
+
+def _select(
+    x: torch.Tensor, threshold: torch.Tensor, if_above: torch.Tensor, otherwise: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``torch.where(x >= threshold, if_above, otherwise)`` for float tensors, exactly, without a bool tensor: on this
+    CPU ``where`` and a bool comparison run unvectorised (65,536 floats, one thread: ``where`` 260 µs and ``>=`` 31 µs,
+    against 9 µs for ``>=`` into a float tensor and 8 µs for ``lerp``); they were a sixth of GQ's hard-phase cost.
+    ``lerp`` returns its ends exactly at weights 0 and 1 (it computes ``end − (end − start)(1 − w)`` for w >= 0.5)."""
+    above = torch.ge(x, threshold, out=torch.empty_like(x))
+    return torch.lerp(otherwise, if_above, above, out=out)
 
 
 def _window_weights(
@@ -243,13 +259,13 @@ class _SoftQuantize(torch.autograd.Function):
             if hard:
                 # The nearest level, by the same midpoint arithmetic and tie rule (up) as base.nearest_level.
                 lo, hi = _rows_at(tables.brackets, cell)
-                out[a : a + chunk_size] = torch.where(x >= (lo + hi) / 2, hi, lo)
+                _select(x, (lo + hi) / 2, hi, lo, out=out[a : a + chunk_size])
             elif tables.width == 2:
                 lo, hi = _rows_at(tables.brackets, cell)
-                out[a : a + chunk_size] = torch.addcmul(lo, _pair_probability(x, lo, hi, beta_value), hi - lo)
+                torch.addcmul(lo, _pair_probability(x, lo, hi, beta_value), hi - lo, out=out[a : a + chunk_size])
             else:
                 c, _, e, total = _window_weights(x, cell, tables, beta_value)
-                out[a : a + chunk_size] = (e * c).sum(dim=0).div_(total)
+                torch.div((e * c).sum(dim=0), total, out=out[a : a + chunk_size])
         ctx.save_for_backward(w, levels, beta)
         ctx.cells, ctx.tables, ctx.chunk_size, ctx.on_backward = cells, tables, chunk_size, on_backward
         return out.reshape(w.shape)
