@@ -215,6 +215,30 @@ def test_mracos_sum_on_the_int8_grid_matches_mracos_and_its_gradient():
     assert torch.allclose(w.grad, grad, rtol=1e-3, atol=1e-2)
 
 
+def test_mracos_sum_gives_every_weight_the_same_gradient_whatever_the_chunking(monkeypatch):
+    from sub8.quant.mracos import _MRACosSum
+
+    torch.manual_seed(0)
+    w = (torch.randn(3, 1000) * 0.4).requires_grad_()
+    lut, scale = torch.tensor([-127, -60, -9, 0, 20, 77, 127], dtype=torch.int8), torch.tensor(0.006)
+    whole = mracos_sum(w, lut, scale)
+    whole.backward()
+    grad, w.grad = w.grad.clone(), None
+    monkeypatch.setattr(_MRACosSum, "CHUNK", 256)  # 12 chunks, the last one short
+    chunked = mracos_sum(w, lut, scale)
+    chunked.backward()
+    assert torch.equal(w.grad, grad)
+    assert torch.allclose(chunked, whole, rtol=1e-6)
+
+
+def test_mracos_sum_refuses_a_second_backward_through_one_graph():
+    w = torch.linspace(-1, 1, 101).requires_grad_()
+    total = mracos_sum(w, torch.tensor([-100, 0, 100], dtype=torch.int8), torch.tensor(0.01))
+    total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        total.backward()
+
+
 def test_linear_ramp():
     assert [linear_ramp(s, 2.0, 4) for s in (1, 2, 4, 9)] == [0.5, 1.0, 2.0, 2.0]
     assert linear_ramp(1, 2.0, 0) == 2.0
