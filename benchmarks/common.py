@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 import torch
+from torch.nn.utils import parametrize
 
 from sub8.data.batching import Batch
 from sub8.models import PRESETS, Transducer, build_model
@@ -43,8 +44,10 @@ def synthetic_batch(batch_frames: int, seconds: float = 3.0, words: int = 5, voc
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch) -> None:
-    """One training update on ``batch``: forward, transducer loss, backward, optimizer step."""
-    loss, _ = model.loss(batch.feats, batch.feat_lens, batch.tokens, batch.token_lens)
+    """One training update on ``batch``: forward, transducer loss, backward, optimizer step; the forward with
+    parametrizations cached, as sub8.train runs it."""
+    with parametrize.cached():
+        loss, _ = model.loss(batch.feats, batch.feat_lens, batch.tokens, batch.token_lens)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -267,6 +267,44 @@ def test_hooks_run_in_order_and_extra_loss_is_added(tmp_path):
                                       "lr", "seconds", "dev_wer"}
 
 
+class LSTMModel(TinyModel):
+    """TinyModel with an nn.LSTM between its layers: nn.LSTM reads every weight several times per forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(self.config.hidden, self.config.hidden, batch_first=True)
+
+    def loss(self, feats, feat_lens, tokens, token_lens):
+        h, _ = self.lstm(torch.tanh(self.proj(feats)))
+        ce = F.cross_entropy(self.out(h.mean(1)), tokens[:, 0])
+        return ce, {"ce": ce}
+
+
+class CountingParametrization(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, weight):
+        self.calls += 1
+        return weight * 1.0
+
+
+class ParametrizeHooks(Hooks):
+    """Puts a counting parametrization on the LSTM's input weight, as the QAT methods do."""
+
+    def on_train_start(self, model, optimizer):
+        self.counter = CountingParametrization()
+        torch.nn.utils.parametrize.register_parametrization(model.lstm, "weight_ih_l0", self.counter)
+        self.counter.calls = 0  # registering evaluates it once, to check its output
+
+
+def test_a_parametrized_weight_is_computed_once_per_training_step(tmp_path):
+    hooks = ParametrizeHooks()
+    train(LSTMModel(), make_loader(), config(max_steps=3), tmp_path, hooks)
+    assert hooks.counter.calls == 3  # without the forward's parametrize.cached(), nn.LSTM's reads made it 2-4 a step
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor(tmp_path):
     cfg = config(max_steps=40, warmup_steps=10, final_lr_ratio=0.1, log_every=1, ckpt_every=40, spec_augment=False)
     factors = [lr_factor(s, cfg) for s in range(cfg.max_steps)]

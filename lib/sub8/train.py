@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from sub8.data.batching import Batch, SpecAugment
@@ -292,8 +293,12 @@ def train(
                 batch = batch.to(device)
                 hooks.before_step(step, model)
                 feats = spec_augment(batch.feats, batch.feat_lens) if spec_augment is not None else batch.feats
-                loss, parts = compute_loss(feats, batch.feat_lens, batch.tokens, batch.token_lens)
-                extra = hooks.extra_loss(step, model)
+                # One evaluation of every parametrized (fake-quantized) weight per forward: nn.LSTM reads each of its
+                # weights up to four times, and every read would run the parametrization again (uniform QAT's cost
+                # on rnnt_large: 1.11x the fp32 step without the cache, 1.05x with it).
+                with parametrize.cached():
+                    loss, parts = compute_loss(feats, batch.feat_lens, batch.tokens, batch.token_lens)
+                    extra = hooks.extra_loss(step, model)
                 if extra is not None:
                     loss, parts = loss + extra, {**parts, "extra": extra}
                 optimizer.zero_grad(set_to_none=True)
