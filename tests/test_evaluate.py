@@ -13,7 +13,8 @@ from torch import nn
 
 from sub8.data.features import Cmvn, FeatureSet
 from sub8.data.tokenizer import build_tokenizer
-from sub8.evaluate import compare, decode, evaluate, paired_bootstrap, score
+from sub8.evaluate import (GROUP_COMPARISON_COLUMNS, compare, compare_by_group, decode, evaluate, paired_bootstrap,
+                           score)
 
 WORDS = "zero one two three four five six seven eight nine".split()
 
@@ -63,6 +64,25 @@ def test_group_table_pools_errors_within_each_group():
     assert table.loc[("voice", "v2"), "wer"] == 100.0
     assert list(result.per_utterance.engine) == ["flite", "espeak", "espeak"]
     assert score(["a"], ["a"]).per_group.empty
+
+
+def test_compare_by_group_bootstraps_within_each_group_after_the_whole_split():
+    refs = ["a b", "c d", "e f", "g h"] * 10
+    groups = {"engine": ["espeak", "flite"] * 20}
+    a = score(refs, ["a b", "c x", "e f", "x h"] * 10, groups=groups)  # errs only on flite
+    b = score(refs, refs, groups=groups)
+    table = compare_by_group(a, b, "engine")
+    assert list(table.columns) == list(GROUP_COMPARISON_COLUMNS)
+    assert table.group.tolist() == ["all", "espeak", "flite"] and table.utterances.tolist() == [40, 20, 20]
+    assert table.words.tolist() == [80, 40, 40]
+    whole = compare(a, b)
+    assert table.iloc[0][["wer_a", "wer_b", "diff_lo", "diff_hi"]].tolist() == [a.wer, b.wer, whole.lo, whole.hi]
+    espeak, flite = table.iloc[1], table.iloc[2]
+    assert espeak.wer_a == espeak.diff_lo == espeak.diff_hi == 0.0  # identical there: no interval at all
+    assert flite.wer_a == 50.0 and flite.diff_lo == flite.diff_hi == 50.0  # every resample errs on half its words
+    assert compare_by_group(a, b, None).group.tolist() == ["all"]  # a corpus without such metadata
+    with pytest.raises(ValueError, match="carry no 'voice'"):
+        compare_by_group(a, b, "voice")
 
 
 def test_examples_show_the_worst_and_a_seeded_random_few():

@@ -26,6 +26,7 @@ from sub8.qat import (
     CENTROID_COLUMNS,
     CLAIM_COLUMNS,
     CONTROL_COLUMNS,
+    CONTROL_GROUP_COLUMNS,
     GQ_COLUMNS,
     MAX_PLAN_LABEL,
     NATIVE_COLUMNS,
@@ -37,6 +38,7 @@ from sub8.qat import (
     NamedPlan,
     centroid_summary,
     centroid_table,
+    control_group_table,
     control_table,
     finetune_row,
     gq_auto_plan,
@@ -173,6 +175,10 @@ def test_run_names_and_plan_labels():
         "all4_joiner8_transcriber.lstm.weight_hh_lx2"
     assert run_name("rnnt_large", "s8bqat", QuantPlan.uniform(4)) == "rnnt_large-s8bqat-4b"
     assert run_name("rnnt_large", "fp32_control") == "rnnt_large-fp32_control"
+    assert run_name("rnnt_large", "gq", QuantPlan.uniform(5), "hard_start") == "rnnt_large-gq-5b-hard_start"
+    for bad in ("", "a-b", "../x"):
+        with pytest.raises(ValueError, match="variant"):
+            run_name("rnnt_large", "gq", QuantPlan.uniform(5), bad)
     assert s8bqat_options(300) == {"reg_weight": 1.0, "ramp_steps": 100, "compress_every": 100}
     assert s8bqat_options(2)["compress_every"] == 1
 
@@ -333,8 +339,11 @@ def test_gq_is_registered_and_its_options_scale_the_schedule_to_the_fine_tune():
     json.dumps(options)  # recorded in qat.json as they are
     with pytest.raises(ValueError, match="give it a QuantPlan"):
         make_hooks("gq", None)
-    with pytest.raises(ValueError, match="anneal_fraction"):
-        gq_options(200, anneal_fraction=0)
+    hard_start = gq_schedule(gq_options(200, anneal_fraction=0))  # the ablation without a soft phase
+    assert hard_start.anneal_steps == 0 and hard_start.hard(0) and hard_start.alpha(0) == 128.0
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="anneal_fraction"):
+            gq_options(200, anneal_fraction=bad)
 
 
 def test_named_and_long_plans_give_short_path_safe_run_names():
@@ -512,6 +521,23 @@ def test_control_table_pairs_each_run_with_its_models_fp32_control():
     assert table.diff_hi[0] <= 0 <= table.diff_lo[1]
     with pytest.raises(ValueError, match="not an fp32_control run"):
         control_table(results, {"m": results[0], "n": results[1]})
+
+
+def test_control_group_table_breaks_each_comparison_down_by_group():
+    refs, groups = ["a b c d", "e f g h"], {"engine": ["espeak", "flite"]}
+    control = fake_result("m", "fp32_control", 32, refs, 4000)
+    control.test = score(refs, refs, utt_ids=["u1", "u2"], groups=groups)
+    run = fake_result("m", "gq", 5, refs, 500)
+    run.test = score(refs, ["a b c d", "x f g h"], utt_ids=["u1", "u2"], groups=groups)
+    run.plan, run.variant = QuantPlan.uniform(5), "hard_start"
+    table = control_group_table([run], {"m": control}, "engine")
+    assert list(table.columns) == list(CONTROL_GROUP_COLUMNS)
+    assert table.group.tolist() == ["all", "espeak", "flite"] and set(table.variant) == {"hard_start"}
+    assert table.wer_test.tolist() == [12.5, 0.0, 25.0] and table.wer_control.tolist() == [0.0, 0.0, 0.0]
+    assert table.plan.tolist() == ["5b"] * 3 and table.utterances.tolist() == [2, 1, 1]
+    assert control_group_table([run], {"m": control}, None).group.tolist() == ["all"]
+    with pytest.raises(ValueError, match="not an fp32_control run"):
+        control_group_table([run], {"m": run}, "engine")
 
 
 # --- levels (notebook 02) ----------------------------------------------------------------------------------------

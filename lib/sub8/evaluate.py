@@ -25,6 +25,7 @@ from sub8.data.tokenizer import Tokenizer
 
 UTTERANCE_COLUMNS = ("utt_id", "ref", "hyp", "word_errors", "ref_words", "char_errors", "ref_chars")
 GROUP_COLUMNS = ("grouping", "group", "utterances", "words", "wer", "cer")
+GROUP_COMPARISON_COLUMNS = ("group", "utterances", "words", "wer_a", "wer_b", "diff_lo", "diff_hi")
 
 
 def decode(
@@ -197,6 +198,29 @@ def compare(
     if list(ua.utt_id) != list(ub.utt_id) or list(ua.ref) != list(ub.ref):
         raise ValueError("compare: the two results are not on the same utterances in the same order")
     return paired_bootstrap(ua.word_errors, ub.word_errors, ua.ref_words, n_resamples, seed, alpha)
+
+
+def compare_by_group(
+    a: EvalResult, b: EvalResult, grouping: str | None, n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> pd.DataFrame:
+    """:func:`compare` on every utterance (group ``"all"``), then within each group of ``grouping`` (e.g. "engine";
+    None: the first row only): where a difference between two systems comes from. One row per group
+    (``GROUP_COMPARISON_COLUMNS``): its utterances and reference words, both WERs and the 95% interval of
+    WER(a) − WER(b) from a paired bootstrap over that group's utterances only. A grouping the utterances do not
+    carry is an error."""
+    whole = compare(a, b, n_resamples, seed, alpha)
+    ua, ub = a.per_utterance, b.per_utterance
+    rows = [("all", len(ua), int(ua.ref_words.sum()), a.wer, b.wer, whole.lo, whole.hi)]
+    if grouping is None:
+        return pd.DataFrame(rows, columns=list(GROUP_COMPARISON_COLUMNS))
+    if grouping not in ua.columns:
+        raise ValueError(f"compare_by_group: the utterances carry no {grouping!r} (groupings: "
+                         f"{[c for c in ua.columns if c not in UTTERANCE_COLUMNS]})")
+    for label, index in ua.groupby(grouping, sort=True).groups.items():
+        ga, gb = ua.loc[index], ub.loc[index]
+        delta = paired_bootstrap(ga.word_errors, gb.word_errors, ga.ref_words, n_resamples, seed, alpha)
+        rows.append((label, len(ga), int(ga.ref_words.sum()), _rates(ga)[0], _rates(gb)[0], delta.lo, delta.hi))
+    return pd.DataFrame(rows, columns=list(GROUP_COMPARISON_COLUMNS))
 
 
 def score_feature_set(fs: FeatureSet, hyps: Sequence[str], group_by: Sequence[str] = ("engine", "voice")) -> EvalResult:

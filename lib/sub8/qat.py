@@ -51,7 +51,7 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from sub8.data.prepare import PreparedData
-from sub8.evaluate import EvalResult, compare
+from sub8.evaluate import EvalResult, compare, compare_by_group
 from sub8.experiment import evaluate_model, finetune, hooks_state, load_model, model_dir, train_loader
 from sub8.io import atomic_write_text, load_checkpoint
 from sub8.models import Transducer
@@ -309,9 +309,13 @@ def _native_plan_label(plan: NativePlan) -> str:
                     for pattern, w_bits, a_bits in plan.rules)
 
 
-def run_name(base: str, method: str, plan: QuantPlan | NativePlan | None = None) -> str:
-    """``<base>-<method>-<plan label>``, or ``<base>-<method>`` without a plan (the fp32 control)."""
-    return f"{base}-{method}" + (f"-{plan_label(plan)}" if plan is not None else "")
+def run_name(base: str, method: str, plan: QuantPlan | NativePlan | None = None, variant: str | None = None) -> str:
+    """``<base>-<method>-<plan label>``, or ``<base>-<method>`` without a plan (the fp32 control); ``-<variant>``
+    appended for a run of the same method and plan with other options (an ablation, e.g. ``hard_start``)."""
+    if variant is not None and not re.fullmatch(r"[A-Za-z0-9_]+", variant):
+        raise ValueError(f"run_name: a variant is letters, digits and '_', got {variant!r}")
+    name = f"{base}-{method}" + (f"-{plan_label(plan)}" if plan is not None else "")
+    return f"{name}-{variant}" if variant else name
 
 
 def checkpoint_digest(profile: Profile, name: str) -> str:
@@ -360,13 +364,15 @@ def _prepare_run(profile: Profile, name: str, spec: dict, force: bool) -> None:
 @dataclass
 class MethodResult:
     """One evaluated run: ``name`` (its directory under ``runs/<profile>/models``), ``row`` (``ROW_COLUMNS``),
-    ``test`` (per-utterance errors, for further paired comparisons) and ``plan`` (the plan it ran; None for the fp32
-    control, or where the maker did not say)."""
+    ``test`` (per-utterance errors, for further paired comparisons), ``plan`` (the plan it ran; None for the fp32
+    control, or where the maker did not say) and ``variant`` (see :func:`run_name`; None for the method's own
+    settings)."""
 
     name: str
     row: dict[str, Any]
     test: EvalResult
     plan: QuantPlan | NativePlan | None = None
+    variant: str | None = None
 
 
 def fp32_result(data: PreparedData, base: str) -> EvalResult:
@@ -432,6 +438,7 @@ def finetune_row(
     plan: QuantPlan | NativePlan | None = None,
     options: Mapping[str, Any] | None = None,
     *,
+    variant: str | None = None,
     fp32: EvalResult | None = None,
     force: bool = False,
 ) -> MethodResult:
@@ -441,11 +448,13 @@ def finetune_row(
 
     Args:
         options: the method's hyper-parameters (e.g. :func:`s8bqat_options`), recorded with the run.
+        variant: names a run whose ``options`` depart from the method's usual ones (:func:`run_name`), so it gets
+            a directory of its own instead of replacing that run.
         fp32: the baseline's test result (:func:`fp32_result`), to save reloading it for every row.
     """
     options = dict(options or {})
     hooks = make_hooks(method, plan, **options)
-    name = run_name(base, method, plan)
+    name = run_name(base, method, plan, variant)
     _prepare_run(data.profile, name, _spec(data.profile, base, method, plan, options), force)
     model, trained = finetune(data, base, name, hooks)
     # Steps, minutes and the hooks' state as final.pt recorded them, so a reused run gives the row a fresh one gave
@@ -459,7 +468,7 @@ def finetune_row(
     bits = FP32_BITS if hooks is None else plan_bits(model, plan)
     size = _METHODS[method].size(model, plan, exported)
     row = _row(base, method, bits, test, fp32, size, final["step"], final["seconds"] / 60)
-    return MethodResult(name, row, test, plan)
+    return MethodResult(name, row, test, plan, variant)
 
 
 @dataclass(frozen=True)
@@ -470,10 +479,11 @@ class FineTune:
     method: str
     plan: QuantPlan | NativePlan | None = None
     options: Mapping[str, Any] | None = None
+    variant: str | None = None
 
     @property
     def name(self) -> str:
-        return run_name(self.base, self.method, self.plan)
+        return run_name(self.base, self.method, self.plan, self.variant)
 
 
 def finetune_rows(
@@ -496,7 +506,8 @@ def finetune_rows(
     pending.sort(key=lambda job: -sizes[job.base])
     run_side_by_side(_finetune_job, data, [(job, force) for job in pending], [job.name for job in pending],
                      data.profile.finetune.get("num_threads"))
-    return [finetune_row(data, job.base, job.method, job.plan, job.options, fp32=fp32.get(job.base))
+    return [finetune_row(data, job.base, job.method, job.plan, job.options, variant=job.variant,
+                         fp32=fp32.get(job.base))
             for job in jobs]
 
 
@@ -511,7 +522,7 @@ def _finished(profile: Profile, job: FineTune) -> bool:
 
 
 def _finetune_job(data: PreparedData, job: FineTune, force: bool) -> None:
-    finetune_row(data, job.base, job.method, job.plan, job.options, force=force)
+    finetune_row(data, job.base, job.method, job.plan, job.options, variant=job.variant, force=force)
 
 
 def ptq_model(profile: Profile, base: str, plan: QuantPlan) -> tuple[Transducer, dict[str, Quantizer]]:
@@ -643,11 +654,13 @@ def gq_options(
     """GQ's hyper-parameters (the :class:`sub8.quant.GQ` arguments, recorded with each run) for a fine-tune of
     ``finetune_steps`` updates: α̂ anneals geometrically from ``alpha_start`` to ``alpha_hard`` over the first
     ``anneal_fraction`` of the updates (at least one), hard (straight-through on the int8-grid levels) after that.
-    On the default profile's 200 updates: 100 soft, 100 hard (GQ's own default of 100 soft updates)."""
-    if not 0 < anneal_fraction <= 1:
-        raise ValueError(f"gq_options: anneal_fraction must be in (0, 1], got {anneal_fraction}")
+    On the default profile's 200 updates: 100 soft, 100 hard (GQ's own default of 100 soft updates).
+    ``anneal_fraction`` 0: no soft phase, hard from the first update (an ablation: what the soft phase adds)."""
+    if not 0 <= anneal_fraction <= 1:
+        raise ValueError(f"gq_options: anneal_fraction must be in [0, 1], got {anneal_fraction}")
+    anneal_steps = max(1, round(finetune_steps * anneal_fraction)) if anneal_fraction > 0 else 0
     return {"mu": float(mu), "alpha_start": float(alpha_start), "alpha_hard": float(alpha_hard),
-            "anneal_steps": max(1, round(finetune_steps * anneal_fraction)), "level_lr_scale": float(level_lr_scale)}
+            "anneal_steps": anneal_steps, "level_lr_scale": float(level_lr_scale)}
 
 
 def gq_schedule(options: Mapping[str, Any]) -> GQSchedule:
@@ -859,6 +872,19 @@ def same_bits_table(gq_results: Iterable[MethodResult], others: Iterable[MethodR
 
 
 CONTROL_COLUMNS = ("model", "method", "plan", "wer_test", "wer_control", "diff_lo", "diff_hi")
+CONTROL_GROUP_COLUMNS = ("model", "method", "plan", "variant", "group", "utterances", "words", "wer_test",
+                         "wer_control", "diff_lo", "diff_hi")
+
+
+def _with_controls(results: Iterable[MethodResult], controls: Mapping[str, MethodResult],
+                   plan_name: Callable[[Any], str]) -> Iterator[tuple[MethodResult, MethodResult, dict[str, Any]]]:
+    """(result, its model's control, the row's model/method/plan) for each result."""
+    for r in results:
+        model = r.row["model"]
+        control = controls[model]
+        if control.row["method"] != "fp32_control":
+            raise ValueError(f"control_table: {control.name} is not an fp32_control run")
+        yield r, control, {"model": model, "method": r.row["method"], "plan": plan_name(r.plan) if r.plan else ""}
 
 
 def control_table(results: Iterable[MethodResult], controls: Mapping[str, MethodResult],
@@ -871,16 +897,26 @@ def control_table(results: Iterable[MethodResult], controls: Mapping[str, Method
     of WER(result) − WER(control), absolute points; ``plan``: ``plan_name`` of the run's plan (empty without one;
     e.g. :func:`gq_plan_name` to match notebook 04's table)."""
     rows = []
-    for r in results:
-        model = r.row["model"]
-        control = controls[model]
-        if control.row["method"] != "fp32_control":
-            raise ValueError(f"control_table: {control.name} is not an fp32_control run")
+    for r, control, run in _with_controls(results, controls, plan_name):
         diff = compare(r.test, control.test)
-        rows.append({"model": model, "method": r.row["method"], "plan": plan_name(r.plan) if r.plan else "",
-                     "wer_test": r.row["wer_test"], "wer_control": control.row["wer_test"], "diff_lo": diff.lo,
+        rows.append({**run, "wer_test": r.row["wer_test"], "wer_control": control.row["wer_test"], "diff_lo": diff.lo,
                      "diff_hi": diff.hi})
     return pd.DataFrame(rows, columns=list(CONTROL_COLUMNS))
+
+
+def control_group_table(results: Iterable[MethodResult], controls: Mapping[str, MethodResult],
+                        grouping: str | None, plan_name: Callable[[Any], str] = plan_label) -> pd.DataFrame:
+    """:func:`control_table` broken down by ``grouping`` (e.g. "engine", the synthesizer of the synthetic corpus;
+    :func:`sub8.evaluate.compare_by_group`): one row per run and group, the whole split first as group "all" (only
+    that row with ``grouping`` None, for a corpus without such metadata). The runs' ``variant`` ("" for none) tells
+    ablations of one plan apart (``CONTROL_GROUP_COLUMNS``)."""
+    rows = []
+    for r, control, run in _with_controls(results, controls, plan_name):
+        for group in compare_by_group(r.test, control.test, grouping).itertuples(index=False):
+            rows.append({**run, "variant": r.variant or "", "group": group.group, "utterances": group.utterances,
+                         "words": group.words, "wer_test": group.wer_a, "wer_control": group.wer_b,
+                         "diff_lo": group.diff_lo, "diff_hi": group.diff_hi})
+    return pd.DataFrame(rows, columns=list(CONTROL_GROUP_COLUMNS))
 
 
 @dataclass
