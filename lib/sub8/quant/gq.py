@@ -46,7 +46,9 @@ Design decisions, and why:
   0.0017, 0.0006, 0.0002), (200, 8) gave 0.0017, 0.0012, 0.0003, (100, 128) 0.0017, 0.0005, 0.0001, and a hard
   forward from the start at α̂ = 128 0.0055, 0.0027, 0.0007: the soft phase is what lets the weights move (at
   α̂ = 128 a weight away from every decision boundary gets an exactly zero gradient), the sharp hard phase what
-  settles them. Toys, not ASR: the notebook measures the real thing.
+  settles them. Toys, not ASR: notebook 04 ablates this on the transducers (no soft phase, α̂ from 16, a
+  25-update anneal, fixed levels). There the start at α̂ = 1 cost both Conformers WER on an unseen synthesis
+  engine, which no soft phase or α̂ from 16 avoided, while on the RNN-Ts no variant did better than this schedule.
 - Only the few nearest levels: each weight looks at a window of ``window`` (default 4) consecutive levels, the two
   that bracket it and one more on each side (shifted inward at the ends, so always ``min(window, K)`` real levels;
   a 1- or 2-bit tensor sees all its levels). A level outside the window is at least two gaps g beyond the
