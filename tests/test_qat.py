@@ -34,6 +34,7 @@ from sub8.qat import (
     MU_CHOICES,
     ROW_COLUMNS,
     SAME_BITS_COLUMNS,
+    FineTune,
     MethodResult,
     NamedPlan,
     centroid_summary,
@@ -423,6 +424,19 @@ def test_a_finished_gq_run_is_reused_and_a_changed_option_runs_again(data, capsy
     finetune_row(data, "base", "gq", plan, gq_options(FINETUNE_STEPS, mu=8.0))
     assert "options changed since it ran" in capsys.readouterr().out
     assert hooks_state(data.profile, first.name)["mu"] == 8.0
+
+
+def test_a_variant_runs_beside_the_plain_run_without_replacing_it(data):
+    plan = QuantPlan.uniform(3)
+    plain = finetune_row(data, "base", "gq", plan, gq_options(FINETUNE_STEPS))
+    final = model_dir(data.profile, plain.name) / "final.pt"
+    written = final.stat().st_mtime_ns
+    hard = finetune_row(data, "base", "gq", plan, gq_options(FINETUNE_STEPS, anneal_fraction=0), variant="hard_start")
+    assert hard.name == f"{plain.name}-hard_start" and hard.variant == "hard_start" and plain.variant is None
+    assert json.loads((model_dir(data.profile, hard.name) / "qat.json").read_text())["options"]["anneal_steps"] == 0
+    again = finetune_row(data, "base", "gq", plan, gq_options(FINETUNE_STEPS))  # the plain run: still finished
+    assert again.row == plain.row and final.stat().st_mtime_ns == written
+    assert FineTune("base", "gq", plan, variant="hard_start").name == hard.name
 
 
 def test_sensitivities_are_measured_once_and_again_when_their_settings_change(data, monkeypatch):
