@@ -883,7 +883,7 @@ def _with_controls(results: Iterable[MethodResult], controls: Mapping[str, Metho
         model = r.row["model"]
         control = controls[model]
         if control.row["method"] != "fp32_control":
-            raise ValueError(f"control_table: {control.name} is not an fp32_control run")
+            raise ValueError(f"control tables: {control.name} is not an fp32_control run")
         yield r, control, {"model": model, "method": r.row["method"], "plan": plan_name(r.plan) if r.plan else ""}
 
 
