@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--bits", type=int, default=4, help="bits of uniform QAT and S8BQAT")
     parser.add_argument("--compress-every", type=int, default=100)
-    parser.add_argument("--gq-bits", type=int, nargs="+", default=[8, 4])
+    parser.add_argument("--gq-bits", type=int, nargs="*", default=[8, 4], help="none: skip GQ")
     parser.add_argument("--native", default=",".join(NATIVE_PLANS), help="comma-separated named native plans")
     parser.add_argument("--no-memory", action="store_true", help="skip GQ's peak-memory measurement")
     parser.add_argument("--memory-child", nargs=3, metavar=("PROFILE", "MODEL", "BITS"), help=argparse.SUPPRESS)
