@@ -3,6 +3,7 @@ the int8-grid end state, plan errors, the fused LSTM kernel, and exact resume in
 
 from __future__ import annotations
 
+import importlib
 import io
 import math
 
@@ -417,3 +418,41 @@ def test_each_weight_is_quantized_once_per_forward_and_gradients_accumulate(monk
     assert len(calls) == 2 * len(hooks.tensors)
     for name, q in hooks.tensors.items():
         assert torch.allclose(q.u.grad, 2 * once[name], rtol=1e-5, atol=1e-7), name
+
+
+@pytest.mark.parametrize(
+    "bits, alpha_hat, hard",
+    [(1, 1.0, False), (2, 1.0, False), (4, 1.0, False), (4, 8.0, False), (4, 128.0, False), (8, 2.0, False),
+     (3, 128.0, True), (8, 128.0, True)],
+)  # fmt: skip
+def test_the_cpu_kernel_agrees_with_the_pytorch_version(monkeypatch, bits, alpha_hat, hard):
+    """The C kernel (the CPU path) against the PyTorch ops (the CUDA path), in float32: windows of K, four and two
+    levels, the hard forward on int8-snapped levels (merged ones at 8 bits), weights beyond the end levels."""
+    gq_module = importlib.import_module("sub8.quant.gq")
+    torch.manual_seed(bits)
+    w = torch.cat([torch.randn(30000) * 0.2, torch.tensor([-5.0, 5.0])])
+    quantizer = GQQuantizer.fit(w, bits)
+    upstream = torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+
+    def run():
+        x = w.clone().requires_grad_()
+        out = quantizer.soft_quantize(x, alpha_hat, hard)
+        return (out.detach(), *torch.autograd.grad(out, (x, quantizer.log_scale, quantizer.u), upstream))
+
+    kernel = run()
+    monkeypatch.setattr(gq_module.kernels, "usable", lambda *tensors: False)
+    reference = run()
+    if hard:
+        assert torch.equal(kernel[0], reference[0])
+    torch.testing.assert_close(kernel[0], reference[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kernel[1], reference[1], rtol=1e-4, atol=1e-4 * float(reference[1].abs().max()))
+    for a, b in zip(kernel[2:], reference[2:]):  # sums over every weight: float32 sums in another order
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
+
+
+def test_a_non_finite_weight_makes_the_output_non_finite():
+    w = torch.tensor([0.1, float("nan"), -0.2, float("inf"), 0.3])
+    levels = mu_law_levels(2, 0.5, 4.0)
+    for hard in (False, True):
+        out = soft_quantize(w, levels, torch.tensor(10.0), hard=hard)
+        assert torch.equal(out.isfinite(), torch.tensor([True, False, True, False, True]))

@@ -23,6 +23,7 @@ from sub8.quant import (
     nearest_level,
     snap_to_int8_grid,
 )
+from sub8.quant import kernels
 from sub8.quant.lloyd_max import SortedWeights, lloyd
 from sub8.quant.mu_law import mu_law_compress, mu_law_expand, mu_law_levels
 
@@ -221,24 +222,20 @@ def test_mracos_sum_on_the_int8_grid_matches_mracos_and_its_gradient():
     assert torch.allclose(w.grad[off_midpoints], grad[off_midpoints], rtol=1e-3, atol=1e-2)
 
 
-@pytest.mark.parametrize("gradient", ["_gradient_by_torch", "_gradient_by_kernel"])
-def test_mracos_gives_every_weight_the_same_gradient_whatever_the_chunking(gradient):
+def test_mracos_torch_version_gives_every_weight_the_same_gradient_whatever_the_chunking():
     module = importlib.import_module("sub8.quant.mracos")
-
     torch.manual_seed(0)
     w = torch.randn(3000) * 0.4
     cells = module._Int8GridCells(torch.tensor([-127, -60, -9, 0, 20, 77, 127], dtype=torch.int8), 0.006, w.device)
-    grad, total = getattr(module, gradient)(w, cells, 1 << 16)
-    chunked_grad, chunked_total = getattr(module, gradient)(w, cells, 256)  # 12 chunks, the last one short
+    grad, total = module._gradient_by_torch(w, cells, 1 << 16)
+    chunked_grad, chunked_total = module._gradient_by_torch(w, cells, 256)  # 12 chunks, the last one short
     assert torch.equal(chunked_grad, grad)
     assert torch.allclose(chunked_total, total, rtol=1e-6)
 
 
-def test_mracos_kernel_and_torch_versions_agree_with_the_exact_regularizer():
+def test_mracos_kernel_and_torch_versions_agree_with_the_exact_regularizer(monkeypatch):
     """The C kernel (the CPU path) and the PyTorch ops (the CUDA path) against R and dR/dw in float64, on weights
     inside, outside and on the levels of a grid with unequal cells; both to float rounding."""
-    module = importlib.import_module("sub8.quant.mracos")
-
     lut, scale = torch.tensor([-127, -60, -9, 0, 20, 77, 127], dtype=torch.int8), torch.tensor(0.006)
     torch.manual_seed(1)
     # Interior levels (R's gradient is 0 there) but not the end levels: R has a kink there, where float rounding
@@ -248,12 +245,44 @@ def test_mracos_kernel_and_torch_versions_agree_with_the_exact_regularizer():
     exact = w.double().requires_grad_()
     r = mracos(exact, torch.unique(lut).double() * scale.double())
     r.sum().backward()
-    cells = module._Int8GridCells(lut, scale, w.device)
-    for gradient in (module._gradient_by_kernel, module._gradient_by_torch):
-        grad, total = gradient(w, cells, 1 << 16)
-        assert float(total) == pytest.approx(float(r.sum().detach()), rel=1e-5)
+    for use_kernel in (True, False):
+        monkeypatch.setattr(kernels, "usable", lambda *tensors, use=use_kernel: use)
+        x = w.clone().requires_grad_()
+        total = mracos_sum(x, lut, scale)
+        total.backward()
+        assert float(total.detach()) == pytest.approx(float(r.sum().detach()), rel=1e-5)
         # dR/dw reaches π/Δ (~500 here): float rounding of w/scale moves u by ~1e-7, the gradient by ~1e-4
-        torch.testing.assert_close(grad.double(), exact.grad, rtol=1e-5, atol=2e-3)
+        torch.testing.assert_close(x.grad.double(), exact.grad, rtol=1e-5, atol=2e-3)
+
+
+def test_kernels_give_the_same_numbers_at_any_thread_count(monkeypatch):
+    """Work goes to threads in blocks and every partial sum is per block: 1 thread and 3 give the same bits, for
+    MRACos and for GQ's forward and backward (values, weight, scale and level gradients)."""
+    from sub8.quant.gq import GQQuantizer
+
+    monkeypatch.setattr(kernels, "BLOCK", 1000)
+    torch.manual_seed(2)
+    w = torch.randn(10_500) * 0.3
+    lut, scale = torch.tensor([-127, -60, -9, 0, 20, 77, 127], dtype=torch.int8), torch.tensor(0.006)
+    quantizer = GQQuantizer.fit(w, 4)
+
+    def run():
+        x = w.clone().requires_grad_()
+        total = mracos_sum(x, lut, scale)
+        (grad_r,) = torch.autograd.grad(total, x)
+        soft = quantizer.soft_quantize(x, alpha_hat=2.0, hard=False)
+        return (total, grad_r, soft, *torch.autograd.grad(soft.square().sum(), (x, quantizer.log_scale, quantizer.u)))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(3)
+        three = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, three):
+        assert torch.equal(a, b)
 
 
 def test_mracos_kernel_stays_in_its_tables_for_non_finite_weights():

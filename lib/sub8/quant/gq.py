@@ -96,6 +96,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from sub8.quant import kernels
 from sub8.quant.apply import hard_quantize_
 from sub8.quant.base import Quantizer, dequantize, int8_levels, nearest_level, snap_to_int8_grid
 from sub8.quant.mu_law import even_grid, mu_law_expand
@@ -111,6 +112,7 @@ DEFAULT_CHUNK_SIZE = 1 << 16  # weights per chunk: ~6 MB of scratch; larger chun
 LOGIT_FLOOR = -64.0
 # exp(-17) < 2^-24: a level whose logit is this far below the nearest level's cannot change a float32 sum with Z >= 1.
 PAIR_LOGIT_GAP = 17.0
+KERNEL_MAX_WINDOW = 16  # the C kernel's GQ_MAX_WIDTH: wider windows (a caller's choice) run the PyTorch version
 
 
 def _rows_at(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -236,6 +238,59 @@ def _pair_probability(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, beta:
     return t.clamp_(LOGIT_FLOOR, -LOGIT_FLOOR).sigmoid_()
 
 
+def _kernel_tables(levels: torch.Tensor, tables: _CellTables, cell_of: _CellIndex, beta: float) -> tuple:
+    """The arguments ``sub8.quant._kernels`` reads the tables from (the C source's GQTables, in order)."""
+    return (
+        levels.data_ptr(), levels.numel(), tables.width, beta, cell_of.low, cell_of.inv_width, cell_of.bins,
+        cell_of.passes, *(row.data_ptr() for row in cell_of.table), cell_of.thresholds.data_ptr(),
+        cell_of.targets.data_ptr(),
+    )  # fmt: skip
+
+
+def _forward_by_torch(x_all, out_all, cells_all, levels, tables, cell_of, beta, hard, chunk_size) -> None:
+    """The forward with PyTorch ops (any device), ``chunk_size`` weights at a time: fills the soft or hard weights
+    and every weight's cell."""
+    for a in range(0, x_all.numel(), chunk_size):
+        x, out = x_all[a : a + chunk_size], out_all[a : a + chunk_size]
+        cell = cell_of(x)
+        cells_all[a : a + chunk_size] = cell
+        if hard:
+            # The nearest level, by the same midpoint arithmetic and tie rule (up) as base.nearest_level.
+            lo, hi = _rows_at(tables.brackets, cell)
+            _select(x, (lo + hi) / 2, hi, lo, out=out)
+        elif tables.width == 2:
+            lo, hi = _rows_at(tables.brackets, cell)
+            torch.addcmul(lo, _pair_probability(x, lo, hi, beta), hi - lo, out=out)
+        else:
+            c, _, e, total = _window_weights(x, cell, tables, beta)
+            torch.div((e * c).sum(dim=0), total, out=out)
+
+
+def _backward_by_torch(x_all, g_all, cells_all, grad_w_all, per_cell, tables, beta, chunk_size) -> float:
+    """The backward with PyTorch ops: fills ``grad_w_all`` (unless None), adds to ``per_cell``; returns ∂L/∂β."""
+    minus_grad_beta = torch.zeros((), dtype=torch.float64, device=x_all.device)
+    for a in range(0, x_all.numel(), chunk_size):
+        x, g = x_all[a : a + chunk_size], g_all[a : a + chunk_size]
+        cell = cells_all[a : a + chunk_size].long()
+        if tables.width == 2:
+            grad_x, level_grads, dot = _pair_backward(x, g, cell, tables, beta)
+            if grad_w_all is not None:
+                grad_w_all[a : a + chunk_size] = grad_x
+            minus_grad_beta -= dot
+            per_cell.index_add_(1, cell, level_grads)
+            continue
+        c, d, e, total = _window_weights(x, cell, tables, beta)
+        p = e.div_(total)
+        soft = (p * c).sum(dim=0)
+        gp = p.mul_(g)  # g p_k
+        rd = (c - soft).mul_(gp).mul_(d)  # r_k d_k
+        if grad_w_all is not None:
+            grad_w_all[a : a + chunk_size] = rd.sum(dim=0).mul_(-2 * beta)
+        minus_grad_beta += torch.dot(rd.view(-1), d.view(-1))
+        per_cell.index_add_(1, cell, gp.add_(rd, alpha=2 * beta))
+    return -float(minus_grad_beta)
+
+
 class _SoftQuantize(torch.autograd.Function):
     """w̃ (or Q(w) with w̃'s gradient, when ``hard``) for every weight; gradients to the weights, the levels and
     β = α / s². Derivation, with ℓ_k = −β d_k², d_k = w − c_k, p = softmax(ℓ), w̃ = Σ p_k c_k and g = ∂L/∂w̃:
@@ -245,29 +300,25 @@ class _SoftQuantize(torch.autograd.Function):
     Memory: the forward keeps only each weight's cell, one byte (K <= 256), for the backward; every (W, n)
     intermediate lives for one chunk. Time: one bin lookup per weight per step (:class:`_CellIndex`); one gather of
     W levels and W exps per weight in each direction; the level gradient is accumulated per cell (one scatter-add
-    of W values per weight) and spread onto the levels with a K-sized scatter."""
+    of W values per weight) and spread onto the levels with a K-sized scatter.
+
+    On the CPU both directions run in ``sub8.quant._kernels`` (the same formulas and tables, one pass per weight,
+    no (W, n) intermediates); elsewhere (CUDA) in PyTorch ops. The two agree to float rounding."""
 
     @staticmethod
     def forward(ctx, w, levels, beta, hard, window, chunk_size, on_backward):
-        flat = w.detach().reshape(-1)
-        out = torch.empty_like(flat)
-        cells = torch.empty(flat.shape, dtype=torch.uint8, device=flat.device)
+        flat = w.detach().reshape(-1).contiguous()
         beta_value = beta.detach().item()
         tables, cell_of = _CellTables(levels, window, beta_value), _CellIndex(levels)
-        for a in range(0, flat.numel(), chunk_size):
-            x = flat[a : a + chunk_size]
-            cell = cell_of(x)
-            cells[a : a + chunk_size] = cell
-            if hard:
-                # The nearest level, by the same midpoint arithmetic and tie rule (up) as base.nearest_level.
-                lo, hi = _rows_at(tables.brackets, cell)
-                _select(x, (lo + hi) / 2, hi, lo, out=out[a : a + chunk_size])
-            elif tables.width == 2:
-                lo, hi = _rows_at(tables.brackets, cell)
-                torch.addcmul(lo, _pair_probability(x, lo, hi, beta_value), hi - lo, out=out[a : a + chunk_size])
-            else:
-                c, _, e, total = _window_weights(x, cell, tables, beta_value)
-                torch.div((e * c).sum(dim=0), total, out=out[a : a + chunk_size])
+        ctx.kernel = tables.width <= KERNEL_MAX_WINDOW and kernels.usable(flat, levels)
+        if ctx.kernel:
+            ctx.kernel_tables = _kernel_tables(levels, tables, cell_of, beta_value)
+            ctx.cell_of = cell_of  # holds the tables the addresses point into
+            out, cells = kernels.gq_forward(ctx.kernel_tables, flat, hard)
+        else:
+            out = torch.empty_like(flat)
+            cells = torch.empty(flat.shape, dtype=torch.uint8, device=flat.device)
+            _forward_by_torch(flat, out, cells, levels, tables, cell_of, beta_value, hard, chunk_size)
         ctx.save_for_backward(w, levels, beta)
         ctx.cells, ctx.tables, ctx.chunk_size, ctx.on_backward = cells, tables, chunk_size, on_backward
         return out.reshape(w.shape)
@@ -277,32 +328,17 @@ class _SoftQuantize(torch.autograd.Function):
         if ctx.on_backward is not None:
             ctx.on_backward()
         w, levels, beta = ctx.saved_tensors
-        flat, grad_flat = w.detach().reshape(-1), grad_out.reshape(-1)
+        flat, grad_flat = w.detach().reshape(-1).contiguous(), grad_out.reshape(-1).contiguous()
         tables, beta_value = ctx.tables, beta.detach().item()
         grad_w = torch.empty_like(flat) if ctx.needs_input_grad[0] else None
         per_cell = torch.zeros_like(tables.columns)  # (W, K − 1): each cell's window's level gradients
-        minus_grad_beta = torch.zeros((), dtype=torch.float64, device=flat.device)
-        for a in range(0, flat.numel(), ctx.chunk_size):
-            x, g = flat[a : a + ctx.chunk_size], grad_flat[a : a + ctx.chunk_size]
-            cell = ctx.cells[a : a + ctx.chunk_size].long()
-            if tables.width == 2:
-                grad_x, level_grads, dot = _pair_backward(x, g, cell, tables, beta_value)
-                if grad_w is not None:
-                    grad_w[a : a + ctx.chunk_size] = grad_x
-                minus_grad_beta -= dot
-                per_cell.index_add_(1, cell, level_grads)
-                continue
-            c, d, e, total = _window_weights(x, cell, tables, beta_value)
-            p = e.div_(total)
-            soft = (p * c).sum(dim=0)
-            gp = p.mul_(g)  # g p_k
-            rd = (c - soft).mul_(gp).mul_(d)  # r_k d_k
-            if grad_w is not None:
-                grad_w[a : a + ctx.chunk_size] = rd.sum(dim=0).mul_(-2 * beta_value)
-            minus_grad_beta += torch.dot(rd.view(-1), d.view(-1))
-            per_cell.index_add_(1, cell, gp.add_(rd, alpha=2 * beta_value))
+        if ctx.kernel:
+            grad_beta_value = kernels.gq_backward(ctx.kernel_tables, flat, grad_flat, ctx.cells, per_cell, grad_w)
+        else:
+            grad_beta_value = _backward_by_torch(flat, grad_flat, ctx.cells, grad_w, per_cell, tables, beta_value,
+                                                 ctx.chunk_size)
         grad_levels = torch.zeros_like(levels).index_add_(0, tables.level_index.reshape(-1), per_cell.reshape(-1))
-        grad_beta = (-minus_grad_beta).to(beta.dtype)
+        grad_beta = torch.tensor(grad_beta_value, dtype=beta.dtype, device=beta.device)
         return (grad_w.reshape(w.shape) if grad_w is not None else None), grad_levels, grad_beta, None, None, None, None
 
 
@@ -343,7 +379,8 @@ def soft_quantize(
         levels: (K,) sorted levels.
         beta: () the sharpness α / s².
         window: levels per weight (an even number; at most K are used).
-        chunk_size: weights processed at a time (bounds the scratch memory).
+        chunk_size: weights processed at a time by the PyTorch version (bounds its scratch memory; the CPU
+            kernel works through its own tiles of 256).
         on_backward: called when the backward reaches this node (its graph is then consumed).
     """
     if window < 2 or window % 2:

@@ -14,14 +14,10 @@ it does half a cell inside (a weight outside is pulled as hard as one at the sam
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
-try:
-    from sub8.quant import _kernels
-except ImportError:  # the package copied without being built: the PyTorch version runs instead
-    _kernels = None
+from sub8.quant import kernels
 
 
 def _cell_coordinate(w: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +73,9 @@ class _Int8GridCells:
 
 
 def _gradient_by_torch(flat: torch.Tensor, cells: _Int8GridCells, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """dR/dw and Σ R of 1-D ``flat`` with PyTorch ops, on any device: ``chunk`` weights at a time, so its ~25
+    """dR/dw and Σ R of 1-D ``flat`` with PyTorch ops, on any device (the CPU runs the fused kernel of
+    ``sub8.quant.kernels`` instead: one pass, 3.7x faster on one thread; its sin and cos are polynomials, so the two
+    agree to float rounding, not bit for bit): ``chunk`` weights at a time, so its ~25
     elementwise passes read and write data that stays in the core's L2 cache (a pass over a whole 1280 × 320 LSTM
     matrix, 1.6 MB a float tensor, streams memory). Every weight goes through the same operations whatever the
     chunk; only the order of the sum of R changes."""
@@ -97,32 +95,6 @@ def _gradient_by_torch(flat: torch.Tensor, cells: _Int8GridCells, chunk: int) ->
     return grad, total
 
 
-def _gradient_by_kernel(flat: torch.Tensor, cells: _Int8GridCells, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """What :func:`_gradient_by_torch` computes, for contiguous float32 CPU weights, in the one pass of
-    ``sub8.quant._kernels`` (3.7x faster on one thread; sin and cos by polynomials there, so the two agree to float
-    rounding, not bit for bit). R is summed per ``chunk`` weights, then the chunks in order."""
-    grad = torch.empty_like(flat)
-    chunk_sums = torch.empty(-(-flat.numel() // chunk), dtype=torch.float64)
-    _kernels.mracos(
-        flat.data_ptr(), grad.data_ptr(), flat.numel(), cells.low.data_ptr(), cells.inv_width.data_ptr(),
-        float(1 / cells.scale), chunk_sums.data_ptr(), chunk,
-    )  # fmt: skip
-    return grad, chunk_sums.sum()
-
-
-def _uses_kernel(w: torch.Tensor) -> bool:
-    if w.device.type != "cpu" or w.dtype != torch.float32:
-        return False
-    if _kernels is None:
-        warnings.warn(
-            "sub8.quant._kernels is not built (pip install -e . builds it): MRACos runs its PyTorch version, "
-            "~3.7x slower on the CPU",
-            stacklevel=3,
-        )
-        return False
-    return True
-
-
 class _MRACosSum(torch.autograd.Function):
     """Σ R(w) with the gradient computed in the forward: autograd through :func:`mracos` keeps several N-sized
     intermediates and runs as many backward kernels; this keeps one (dR/dw) and its backward is one multiply. On the
@@ -133,8 +105,12 @@ class _MRACosSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: torch.Tensor, lut: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         cells = _Int8GridCells(lut, scale, w.device)
-        gradient = _gradient_by_kernel if _uses_kernel(w) else _gradient_by_torch
-        grad, total = gradient(w.detach().reshape(-1).contiguous(), cells, _MRACosSum.CHUNK)
+        flat = w.detach().reshape(-1).contiguous()
+        if kernels.usable(flat):
+            grad, total = kernels.mracos(flat, cells.low, cells.inv_width, float(1 / cells.scale))
+            total = torch.tensor(total, dtype=torch.float64)
+        else:
+            grad, total = _gradient_by_torch(flat, cells, _MRACosSum.CHUNK)
         ctx.save_for_backward(grad.view(w.shape))
         ctx.consumed = False
         return total.to(w.dtype)
