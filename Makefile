@@ -10,7 +10,7 @@ STAMP := $(VENV)/.sub8-installed
 setup: system-packages $(STAMP)
 
 system-packages:
-	@bash scripts/install_system_packages.sh
+	@bash scripts/install_system_packages.sh $(PYTHON)
 
 # Re-installs (and rebuilds the C kernel) only when pyproject.toml, setup.py or the kernel changes. torch/torchaudio come from the local wheel store when present.
 $(STAMP): pyproject.toml setup.py lib/sub8/quant/_kernels.c

@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Install the Debian packages the synthetic corpus needs (TTS engines and their English voices), if missing.
+# Install the Debian packages sub8 needs, if missing: the synthetic corpus's TTS engines and their English voices, and
+# a C compiler with the Python headers for the package's one compiled module (lib/sub8/quant/_kernels.c).
+# Usage: install_system_packages.sh [PYTHON] (the interpreter the venv is made from; its headers are checked).
 # Runs apt-get as root (or through passwordless sudo); otherwise says exactly what to install and fails.
 set -euo pipefail
 
-packages=(espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts)
+python=${1:-python3}
+packages=(espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts gcc libc6-dev)
+if ! "$python" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+  packages+=(python3-dev)  # Debian's own Python: its headers come separately
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

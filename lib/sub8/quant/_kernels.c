@@ -1,17 +1,21 @@
 /* sub8.quant._kernels: fused CPU kernels of the MRACos regularizer (sub8.quant.mracos) and of GQ's soft-to-hard
- * assignment (sub8.quant.gq). Each is one pass over the weights where the PyTorch version of the same formulas runs
- * tens of elementwise passes. No PyTorch headers: the caller passes the tensors' data pointers as integers
- * (contiguous float32), so this builds in a second or two with the C compiler alone. Every kernel counts the
- * non-finite weights it met (a bit test, which the floating-point flags of setup.py cannot fold away) and leaves
- * what to do with them to the caller.
+ * assignment (sub8.quant.gq), called through sub8.quant.kernels. Each is one pass over the weights where the PyTorch
+ * version of the same formulas runs tens of elementwise passes. No PyTorch headers: the caller passes the tensors'
+ * data pointers as integers (contiguous float32), so this builds in a second or two with the C compiler alone.
+ *
+ * setup.py compiles with "no NaN, no signed zeros" so that GCC vectorizes the clamps and selects. So nothing here
+ * relies on a NaN propagating: a table index is clamped in integers (in bounds for any input), and non-finite
+ * weights are found by a bit test, which those flags cannot fold away: MRACos counts them (the caller then makes
+ * the sum NaN), GQ's forward passes them through to its output and its backward leaves them out.
  *
  * ---- MRACos ----
- * One pass gives, per weight, R(w) and dR/dw (mracos.py's module docstring defines R). In grid units y = w / scale every level is an integer; a weight's cell is looked up from floor(y) in two
- * 256-entry tables (the cell's low level and 1 / width, in grid units). With u = (y − low) · inv_width and
- * v = clamp(u, 0, 1), let d = min(v, 1 − v), the distance to the nearer level in cell widths, and h = π d / 2.
- * Then 1 − |cos πv| = 1 − cos πd = 2 sin² h and |d/du (1 − |cos πv|)| = π sin πd = 2π sin h cos h, so R and its
- * gradient need sin and cos on [0, π/4] only, where short Taylor polynomials are exact to float precision
- * (remainder < 2e-9) and, unlike 1 − cos(πd) in float, keep R's relative precision near a level.
+ * One pass gives, per weight, R(w) and dR/dw (mracos.py's module docstring defines R). In grid units y = w / scale
+ * every level is an integer; a weight's cell is looked up from floor(y) in two 256-entry tables (the cell's low level
+ * and 1 / width, in grid units). With u = (y − low) · inv_width and v = clamp(u, 0, 1), let d = min(v, 1 − v), the
+ * distance to the nearer level in cell widths, and h = π d / 2. Then 1 − |cos πv| = 1 − cos πd = 2 sin² h and
+ * |d/du (1 − |cos πv|)| = π sin πd = 2π sin h cos h, so R and its gradient need sin and cos on [0, π/4] only, where
+ * short Taylor polynomials are exact to float precision (remainder < 2e-9) and, unlike 1 − cos(πd) in float, keep
+ * R's relative precision near a level.
  *
  * R is summed per block of `block` weights into a double, one per block, so the total does not depend on how the
  * blocks are spread over threads.
@@ -225,12 +229,11 @@ static void gq_window(const GQTables *t, const float *restrict x, const int32_t 
 }
 
 VECTOR_CLONES
-static int64_t gq_forward_all(const GQTables *t, const float *restrict x, int64_t n, int hard, float *restrict out,
-                              uint8_t *restrict cells) {
+static void gq_forward_all(const GQTables *t, const float *restrict x, int64_t n, int hard, float *restrict out,
+                           uint8_t *restrict cells) {
     float c[GQ_MAX_WIDTH][GQ_TILE], d[GQ_MAX_WIDTH][GQ_TILE], e[GQ_MAX_WIDTH][GQ_TILE], total[GQ_TILE];
     int32_t cell[GQ_TILE], finite[GQ_TILE];
     const float *levels = t->levels;
-    int64_t non_finite = 0;
     for (int64_t a = 0; a < n; a += GQ_TILE) {
         const int m = n - a < GQ_TILE ? (int)(n - a) : GQ_TILE;
         const float *xt = x + a;
@@ -253,14 +256,10 @@ static int64_t gq_forward_all(const GQTables *t, const float *restrict x, int64_
                 for (int i = 0; i < m; i++) ot[i] += e[k][i] * c[k][i];
             for (int i = 0; i < m; i++) ot[i] /= total[i];
         }
-        for (int i = 0; i < m; i++) {
-            cells[a + i] = (uint8_t)cell[i];
-            non_finite += !finite[i];
-        }
-        /* propagated: the loss becomes non-finite and training stops before the update */
+        for (int i = 0; i < m; i++) cells[a + i] = (uint8_t)cell[i];
+        /* passed through: the loss becomes non-finite and training stops before the update */
         for (int i = 0; i < m; i++) ot[i] = finite[i] ? ot[i] : xt[i];
     }
-    return non_finite;
 }
 
 /* Gradients (see _SoftQuantize): grad_w (skipped when NULL); per_cell[copy][k][cell] += ∂L/∂c of window position k;
@@ -359,11 +358,11 @@ static int gq_parse_tables(GQTables *t, unsigned long long *a) {
     return 1;
 }
 
-/* gq_forward(*tables, x, n, hard, out, cells) -> non-finite weights. */
+/* gq_forward(*tables, x, n, hard, out, cells): the soft or hard weights and each weight's cell. */
 static PyObject *gq_forward(PyObject *self, PyObject *args) {
     GQTables t;
     unsigned long long a[6], x, out, cells;
-    long long n, non_finite;
+    long long n;
     int hard;
     if (!PyArg_ParseTuple(args, GQ_TABLE_FORMAT "KLpKK", &a[0], &t.num_levels, &t.width, &t.beta, &t.low,
                           &t.inv_width, &t.bins, &t.passes, &a[1], &a[2], &a[3], &a[4], &a[5], &x, &n, &hard, &out,
@@ -371,10 +370,9 @@ static PyObject *gq_forward(PyObject *self, PyObject *args) {
         return NULL;
     if (!gq_parse_tables(&t, a)) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    non_finite = gq_forward_all(&t, (const float *)(uintptr_t)x, n, hard, (float *)(uintptr_t)out,
-                                (uint8_t *)(uintptr_t)cells);
+    gq_forward_all(&t, (const float *)(uintptr_t)x, n, hard, (float *)(uintptr_t)out, (uint8_t *)(uintptr_t)cells);
     Py_END_ALLOW_THREADS
-    return PyLong_FromLongLong(non_finite);
+    Py_RETURN_NONE;
 }
 
 /* gq_backward(*tables, x, grad_out, cells, n, grad_w or 0, block, partials, beta_partials): per block of `block`

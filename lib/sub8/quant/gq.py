@@ -64,10 +64,12 @@ Design decisions, and why:
 - A custom autograd.Function (:func:`soft_quantize`): the forward keeps only each weight's cell (one byte) for the
   backward, which recomputes the window terms chunk by chunk (``chunk_size`` weights at a time); training holds
   the soft weights (N floats per tensor, as any fake quantization does), the cells and one chunk of scratch.
-  Autograd would have kept ~6 (window, N) tensors per weight tensor until the backward. The whole soft forward
-  and backward is ~30 passes over (window, chunk) blocks, one gather of the window, one scatter-add of the level
-  gradients, and window exps per weight: ~50-70 ns a weight on this 2-core CPU with a window of four, ~20-30 ns
-  with two or in the hard phase (forward and backward together, a 1024 × 256 tensor at 8 bits).
+  Autograd would have kept ~6 (window, N) tensors per weight tensor until the backward. In PyTorch ops (the CUDA
+  path) the whole soft forward and backward is ~30 passes over (window, chunk) blocks, one gather of the window,
+  one scatter-add of the level gradients, and window exps per weight: ~65 ns a weight on this 2-core CPU with a
+  window of four, ~25 ns with two or in the hard phase (forward and backward together, a 1024 × 256 tensor at 8
+  bits, one thread). On the CPU the same formulas run in one C kernel per direction (``sub8.quant.kernels``:
+  256-weight tiles through vectorized loops, exp by a polynomial): ~19 ns and ~9 ns.
 - Initial ``s``: u starts evenly spaced (design.md §5); ``s`` is the value on a log grid of max|w| · [10⁻³, 1]
   that minimises the mean squared error of hard quantization on a strided sample of ``w`` (deterministic, no RNG,
   so resumed and straight runs match).

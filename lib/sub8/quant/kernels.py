@@ -45,17 +45,21 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 
 def _over_blocks(n: int, run: Callable[[int, int], None]) -> None:
-    """``run(start, stop)`` over [0, n) in contiguous runs of whole blocks, one run per thread."""
+    """``run(start, stop)`` over [0, n) in contiguous runs of whole blocks, one run per thread (the first in this
+    one)."""
     global _pool, _pool_threads
     blocks = -(-n // BLOCK)
-    threads = min(torch.get_num_threads(), blocks)
-    if threads <= 1:
-        run(0, n)
-        return
-    if _pool_threads < threads:
-        _pool, _pool_threads = ThreadPoolExecutor(threads, thread_name_prefix="sub8-kernels"), threads
+    threads = max(1, min(torch.get_num_threads(), blocks))  # one (empty) run for n = 0
     bounds = [min(n, (blocks * i // threads) * BLOCK) for i in range(threads + 1)]
-    for future in [_pool.submit(run, a, b) for a, b in zip(bounds, bounds[1:]) if b > a]:
+    ranges = list(zip(bounds, bounds[1:]))
+    if len(ranges) > 1 and _pool_threads < len(ranges) - 1:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool_threads = len(ranges) - 1
+        _pool = ThreadPoolExecutor(_pool_threads, thread_name_prefix="sub8-kernels")
+    others = [_pool.submit(run, a, b) for a, b in ranges[1:]]
+    run(*ranges[0])
+    for future in others:
         future.result()
 
 
