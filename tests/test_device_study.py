@@ -293,6 +293,18 @@ def test_select_runs_expands_skips_optional_and_names_missing(profile):
         ds.select_runs(profile, [ds.RunSpec("m", "s8bqat", "4b")])
 
 
+def test_a_star_plan_leaves_out_the_variants_of_a_run(profile):
+    """A variant (sub8.qat.run_name's ``-<variant>``: same plan, other options) is an ablation of its run's training,
+    not another plan for the device; a label that only looks like one (another plan) stays."""
+    model = tiny_model("lstm")
+    spec = {"base": "m", "method": "gq", "plan": [["*", 5]], "options": {"anneal_steps": 100}}
+    write_run(profile, "m-gq-5b", model, spec=spec)
+    write_run(profile, "m-gq-5b-hard_start", model, spec={**spec, "options": {"anneal_steps": 0}})
+    write_run(profile, "m-gq-5b-joiner2", model, spec={**spec, "plan": [["*", 5], ["joiner", 2]]})
+    chosen, _ = ds.select_runs(profile, [ds.RunSpec("m", "gq", "*")])
+    assert [s.name for s in chosen] == ["m-gq-5b", "m-gq-5b-joiner2"]
+
+
 def test_load_run_rebuilds_the_export_the_run_evaluated(profile):
     model = tiny_model("lstm")
     exported = quantized(model, 8)

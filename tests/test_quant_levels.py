@@ -256,8 +256,8 @@ def test_mracos_kernel_and_torch_versions_agree_with_the_exact_regularizer(monke
 
 
 def test_kernels_give_the_same_numbers_at_any_thread_count(monkeypatch):
-    """Work goes to threads in blocks and every partial sum is per block: 1 thread and 3 give the same bits, for
-    MRACos and for GQ's forward and backward (values, weight, scale and level gradients)."""
+    """Determinism: 1 and 3 PyTorch threads give the same bits, for MRACos and for GQ's forward and backward
+    (values, weight, scale and level gradients), with the kernels' per-block sums over several blocks."""
     from sub8.quant.gq import GQQuantizer
 
     monkeypatch.setattr(kernels, "BLOCK", 1000)

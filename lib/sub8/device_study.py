@@ -71,6 +71,7 @@ from sub8.parallel import run_side_by_side
 from sub8.profiles import Profile
 from sub8.qat import (
     FP32_BITS, check_export, checkpoint_digest, make_hooks, plan_bits, registered_methods, trained_quantizers,
+    variant_of,
 )
 from sub8.quant import NativePlan, QuantPlan, export_quantized
 from sub8.train import Hooks
@@ -147,15 +148,16 @@ def select_runs(
     """The runs of ``specs`` to study, and those of ``optional_methods`` that are absent (skipped).
 
     A ``*`` plan expands to every finished run ``<model>-<method>-<label>`` on disk, sorted by label (none: nothing,
-    not an error). An absent run of an optional method is skipped; any other absent run is an error that names it,
+    not an error), but for the variants of another (:func:`sub8.qat.variant_of`: ablations of a run's training
+    options, like notebook 04's ``5b-hard_start``; the device study is about the methods' plans). An absent run of an optional method is skipped; any other absent run is an error that names it,
     since the notebook that makes it (03, 04, 05) has to run first."""
     chosen, skipped, missing = [], [], []
     for spec in specs:
         if spec.plan == "*":
             prefix = f"{spec.model}-{spec.method}-"
-            found = sorted(p.name[len(prefix):] for p in (profile.runs_dir / "models").glob(f"{prefix}*")
-                           if p.is_dir())
-            chosen += [s for label in found if run_exists(profile, s := RunSpec(spec.model, spec.method, label))]
+            found = sorted(p.name for p in (profile.runs_dir / "models").glob(f"{prefix}*") if p.is_dir())
+            chosen += [s for name in found if variant_of(profile, name, found) is None
+                       and run_exists(profile, s := RunSpec(spec.model, spec.method, name[len(prefix):]))]
         elif run_exists(profile, spec):
             chosen.append(spec)
         elif spec.method in optional_methods:

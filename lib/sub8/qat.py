@@ -318,6 +318,26 @@ def run_name(base: str, method: str, plan: QuantPlan | NativePlan | None = None,
     return f"{name}-{variant}" if variant else name
 
 
+def variant_of(profile: Profile, name: str, others: Iterable[str]) -> str | None:
+    """The run among ``others`` that run ``name`` is a variant of (:func:`run_name`: the same method and plan, other
+    options, named ``<run>-<variant>``), or None. Decided by what the runs recorded, not by the name alone (a plan
+    label may hold ``-``): ``name`` must extend the other's name by ``-<variant>`` and both ``qat.json`` must hold
+    the same baseline, method and plan."""
+
+    def recorded(run: str) -> tuple | None:
+        path = model_dir(profile, run) / "qat.json"
+        if not path.is_file():
+            return None
+        spec = json.loads(path.read_text())
+        return spec.get("base"), spec.get("method"), spec.get("plan")
+
+    for other in others:
+        suffix = name[len(other) + 1 :] if name.startswith(f"{other}-") else ""
+        if re.fullmatch(r"[A-Za-z0-9_]+", suffix) and recorded(name) is not None and recorded(name) == recorded(other):
+            return other
+    return None
+
+
 def checkpoint_digest(profile: Profile, name: str) -> str:
     """SHA-256 (first 16 hex digits) of model ``name``'s ``final.pt``: which baseline a run started from."""
     path = model_dir(profile, name) / "final.pt"

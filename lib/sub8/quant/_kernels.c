@@ -17,8 +17,7 @@
  * short Taylor polynomials are exact to float precision (remainder < 2e-9) and, unlike 1 − cos(πd) in float, keep
  * R's relative precision near a level.
  *
- * R is summed per block of `block` weights into a double, one per block, so the total does not depend on how the
- * blocks are spread over threads.
+ * R is summed per block of `block` weights into a double, one per block; the caller adds the blocks in order.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -376,8 +375,8 @@ static PyObject *gq_forward(PyObject *self, PyObject *args) {
 }
 
 /* gq_backward(*tables, x, grad_out, cells, n, grad_w or 0, block, partials, beta_partials): per block of `block`
- * weights, its level gradients into partials[b] ((width, K − 1) doubles) and its ∂L/∂β into beta_partials[b]. Sums
- * run per block, so a caller that spreads blocks over threads gets the same numbers with any number of them. */
+ * weights, its level gradients into partials[b] ((width, K − 1) doubles) and its ∂L/∂β into beta_partials[b]; the
+ * caller adds the blocks in order (fold). */
 static PyObject *gq_backward(PyObject *self, PyObject *args) {
     GQTables t;
     unsigned long long a[6], x, g, cells, grad_w, partials, beta_partials;

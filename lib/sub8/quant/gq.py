@@ -66,10 +66,10 @@ Design decisions, and why:
   the soft weights (N floats per tensor, as any fake quantization does), the cells and one chunk of scratch.
   Autograd would have kept ~6 (window, N) tensors per weight tensor until the backward. In PyTorch ops (the CUDA
   path) the whole soft forward and backward is ~30 passes over (window, chunk) blocks, one gather of the window,
-  one scatter-add of the level gradients, and window exps per weight: ~65 ns a weight on this 2-core CPU with a
-  window of four, ~25 ns with two or in the hard phase (forward and backward together, a 1024 × 256 tensor at 8
-  bits, one thread). On the CPU the same formulas run in one C kernel per direction (``sub8.quant.kernels``:
-  256-weight tiles through vectorized loops, exp by a polynomial): ~19 ns and ~9 ns.
+  one scatter-add of the level gradients, and window exps per weight: ~51 ns a weight on this 2-core CPU with a
+  window of four, ~25 ns with two or in the hard phase (forward and backward together, 1.6M weights at 8 bits, one
+  thread; ``benchmarks/kernels.py``). On the CPU the same formulas run in one C kernel per direction
+  (``sub8.quant.kernels``: 256-weight tiles through vectorized loops, exp by a polynomial): ~19 ns and ~11-12 ns.
 - Initial ``s``: u starts evenly spaced (design.md §5); ``s`` is the value on a log grid of max|w| · [10⁻³, 1]
   that minimises the mean squared error of hard quantization on a strided sample of ``w`` (deterministic, no RNG,
   so resumed and straight runs match).

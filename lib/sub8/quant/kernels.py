@@ -1,9 +1,10 @@
 """The fused CPU kernels of the MRACos regularizer and of GQ (``sub8.quant._kernels``, compiled from
-``_kernels.c`` by ``pip install -e .``), spread over PyTorch's intra-op threads.
+``_kernels.c`` by ``pip install -e .``).
 
-Work goes out in blocks of :data:`BLOCK` weights, contiguous runs of blocks to each of ``torch.get_num_threads()``
-threads (the C code releases the GIL). Every partial sum is taken per block and the blocks' sums are added in block
-order, so a result does not depend on the number of threads: a run at 1 thread and one at 16 give the same bits.
+They run in the calling thread. A pool of threads over blocks of weights was measured and dropped: at 2 threads on
+this 2-vCPU machine it made GQ's hard-phase step 1.44× the fp32 step instead of 1.30× (rnnt_small; rnnt_large 1.50
+against 1.35), as PyTorch's OpenMP threads spin-wait on the cores right after each op. Sums still run per block of
+:data:`BLOCK` weights in doubles, then over the blocks in order (the study's runs were trained with this order).
 
 Tensors are passed as addresses: every tensor here is contiguous float32 on the CPU (:func:`usable` checks what a
 caller hands in), and each stays referenced by the caller while a kernel runs.
@@ -15,8 +16,6 @@ no, and the callers run their PyTorch versions, which also serve every other dev
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -26,8 +25,6 @@ except ImportError:
     _kernels = None
 
 BLOCK = 1 << 16
-_pool: ThreadPoolExecutor | None = None
-_pool_threads = 0
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -37,34 +34,11 @@ def usable(*tensors: torch.Tensor) -> bool:
     if _kernels is None:
         warnings.warn(
             "sub8.quant._kernels is not built (pip install -e . builds it): MRACos and GQ run their PyTorch "
-            "versions, several times slower on the CPU",
+            "versions, 2-3x slower on the CPU (benchmarks/kernels.py)",
             stacklevel=3,
         )
         return False
     return True
-
-
-def _over_blocks(n: int, run: Callable[[int, int], None]) -> None:
-    """``run(start, stop)`` over [0, n) in contiguous runs of whole blocks, one run per thread (the first in this
-    one)."""
-    global _pool, _pool_threads
-    blocks = -(-n // BLOCK)
-    threads = max(1, min(torch.get_num_threads(), blocks))  # one (empty) run for n = 0
-    bounds = [min(n, (blocks * i // threads) * BLOCK) for i in range(threads + 1)]
-    ranges = list(zip(bounds, bounds[1:]))
-    if len(ranges) > 1 and _pool_threads < len(ranges) - 1:
-        if _pool is not None:
-            _pool.shutdown(wait=False)
-        _pool_threads = len(ranges) - 1
-        _pool = ThreadPoolExecutor(_pool_threads, thread_name_prefix="sub8-kernels")
-    others = [_pool.submit(run, a, b) for a, b in ranges[1:]]
-    run(*ranges[0])
-    for future in others:
-        future.result()
-
-
-def _at(t: torch.Tensor, offset: int) -> int:
-    return t.data_ptr() + offset * t.element_size()
 
 
 def mracos(
@@ -74,16 +48,11 @@ def mracos(
     256-entry grid tables ``low`` and ``inv_width``; Σ R is NaN if any weight is not finite."""
     grad = torch.empty_like(w)
     block_sums = torch.empty(-(-w.numel() // BLOCK), dtype=torch.float64)
-    non_finite = [0] * block_sums.numel()
-
-    def run(a: int, b: int) -> None:
-        non_finite[a // BLOCK] = _kernels.mracos(
-            _at(w, a), _at(grad, a), b - a, low.data_ptr(), inv_width.data_ptr(), inv_scale,
-            _at(block_sums, a // BLOCK), BLOCK,
-        )  # fmt: skip
-
-    _over_blocks(w.numel(), run)
-    return grad, float("nan") if any(non_finite) else sum(block_sums.tolist())
+    non_finite = _kernels.mracos(
+        w.data_ptr(), grad.data_ptr(), w.numel(), low.data_ptr(), inv_width.data_ptr(), inv_scale,
+        block_sums.data_ptr(), BLOCK,
+    )  # fmt: skip
+    return grad, float("nan") if non_finite else sum(block_sums.tolist())
 
 
 def gq_forward(tables: tuple, x: torch.Tensor, hard: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,11 +60,7 @@ def gq_forward(tables: tuple, x: torch.Tensor, hard: bool) -> tuple[torch.Tensor
     C source's GQTables arguments (sub8.quant.gq._kernel_tables). A non-finite weight stays non-finite."""
     out = torch.empty_like(x)
     cells = torch.empty(x.shape, dtype=torch.uint8)
-
-    def run(a: int, b: int) -> None:
-        _kernels.gq_forward(*tables, _at(x, a), b - a, hard, _at(out, a), _at(cells, a))
-
-    _over_blocks(x.numel(), run)
+    _kernels.gq_forward(*tables, x.data_ptr(), x.numel(), hard, out.data_ptr(), cells.data_ptr())
     return out, cells
 
 
@@ -108,13 +73,9 @@ def gq_backward(
     blocks = -(-x.numel() // BLOCK)
     partials = torch.empty((blocks, per_cell.numel()), dtype=torch.float64)
     beta_partials = torch.empty(blocks, dtype=torch.float64)
-
-    def run(a: int, b: int) -> None:
-        _kernels.gq_backward(
-            *tables, _at(x, a), _at(grad_out, a), _at(cells, a), b - a, 0 if grad_w is None else _at(grad_w, a),
-            BLOCK, _at(partials, (a // BLOCK) * per_cell.numel()), _at(beta_partials, a // BLOCK),
-        )  # fmt: skip
-
-    _over_blocks(x.numel(), run)
+    _kernels.gq_backward(
+        *tables, x.data_ptr(), grad_out.data_ptr(), cells.data_ptr(), x.numel(),
+        0 if grad_w is None else grad_w.data_ptr(), BLOCK, partials.data_ptr(), beta_partials.data_ptr(),
+    )  # fmt: skip
     _kernels.fold(partials.data_ptr(), blocks, per_cell.numel(), per_cell.data_ptr())
     return sum(beta_partials.tolist())

@@ -73,12 +73,12 @@ class _Int8GridCells:
 
 
 def _gradient_by_torch(flat: torch.Tensor, cells: _Int8GridCells, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """dR/dw and Σ R of 1-D ``flat`` with PyTorch ops, on any device (the CPU runs the fused kernel of
-    ``sub8.quant.kernels`` instead: one pass, 3.7x faster on one thread; its sin and cos are polynomials, so the two
-    agree to float rounding, not bit for bit): ``chunk`` weights at a time, so its ~25
-    elementwise passes read and write data that stays in the core's L2 cache (a pass over a whole 1280 × 320 LSTM
-    matrix, 1.6 MB a float tensor, streams memory). Every weight goes through the same operations whatever the
-    chunk; only the order of the sum of R changes."""
+    """dR/dw and Σ R of 1-D ``flat`` with PyTorch ops, on any device. (The CPU runs the fused kernel of
+    ``sub8.quant.kernels`` instead: one pass; forward and backward ~2x faster on one thread, ``benchmarks/kernels.py``;
+    its sin and cos are polynomials, so the two agree to float rounding, not bit for bit.) ``chunk`` weights at a
+    time, so the ~25 elementwise passes read and write data that stays in the core's L2 cache (a pass over a whole
+    1280 × 320 LSTM matrix, 1.6 MB a float tensor, streams memory). Every weight goes through the same operations
+    whatever the chunk; only the order of the sum of R changes."""
     grad = torch.empty_like(flat)
     total = torch.zeros((), dtype=torch.float64, device=flat.device)
     for a in range(0, flat.numel(), chunk):
