@@ -71,28 +71,25 @@ static inline float mracos_one(float w, float inv_scale, const float *low, const
     return 2.0f * sin_h * sin_h + 2.0f * fabsf(outside);
 }
 
+/* One block: R summed into a double, dR/dw into grad; returns the non-finite weights it met. */
 VECTOR_CLONES
-static int64_t mracos_blocks(const float *restrict w, float *restrict grad, int64_t n, const float *restrict low,
-                             const float *restrict inv_width, float inv_scale, double *restrict block_sums,
-                             int64_t block) {
+static int64_t mracos_block(const float *restrict w, float *restrict grad, int64_t n, const float *restrict low,
+                            const float *restrict inv_width, float inv_scale, double *restrict sum_out) {
     float r[TILE];
     int64_t non_finite = 0;
-    for (int64_t a = 0; a < n; a += block) {
-        int64_t end = a + block < n ? a + block : n;
-        double sum = 0.0;
-        for (int64_t t = a; t < end; t += TILE) {
-            int64_t m = end - t < TILE ? end - t : TILE;
-            for (int64_t i = 0; i < m; i++) r[i] = mracos_one(w[t + i], inv_scale, low, inv_width, &grad[t + i]);
-            for (int64_t i = 0; i < m; i++) non_finite += !is_finite(w[t + i]);
-            float lanes[LANES] = {0};
-            int64_t i = 0;
-            for (; i + LANES <= m; i += LANES)
-                for (int j = 0; j < LANES; j++) lanes[j] += r[i + j];
-            for (; i < m; i++) sum += r[i];
-            for (int j = 0; j < LANES; j++) sum += lanes[j];
-        }
-        block_sums[a / block] = sum;
+    double sum = 0.0;
+    for (int64_t t = 0; t < n; t += TILE) {
+        int64_t m = n - t < TILE ? n - t : TILE;
+        for (int64_t i = 0; i < m; i++) r[i] = mracos_one(w[t + i], inv_scale, low, inv_width, &grad[t + i]);
+        for (int64_t i = 0; i < m; i++) non_finite += !is_finite(w[t + i]);
+        float lanes[LANES] = {0};
+        int64_t i = 0;
+        for (; i + LANES <= m; i += LANES)
+            for (int j = 0; j < LANES; j++) lanes[j] += r[i + j];
+        for (; i < m; i++) sum += r[i];
+        for (int j = 0; j < LANES; j++) sum += lanes[j];
     }
+    *sum_out = sum;
     return non_finite;
 }
 
@@ -107,10 +104,18 @@ static PyObject *mracos(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "mracos: need n >= 0 and block >= 1, got n=%lld, block=%lld", n, block);
         return NULL;
     }
+    const float *wp = (const float *)(uintptr_t)w, *lowp = (const float *)(uintptr_t)low;
+    const float *inv_widthp = (const float *)(uintptr_t)inv_width;
+    float *gradp = (float *)(uintptr_t)grad;
+    double *sums = (double *)(uintptr_t)block_sums;
+    const long long blocks = (n + block - 1) / block;
+    non_finite = 0;
     Py_BEGIN_ALLOW_THREADS
-    non_finite = mracos_blocks((const float *)(uintptr_t)w, (float *)(uintptr_t)grad, n,
-                               (const float *)(uintptr_t)low, (const float *)(uintptr_t)inv_width, inv_scale,
-                               (double *)(uintptr_t)block_sums, block);
+#pragma omp parallel for schedule(static) reduction(+ : non_finite)
+    for (long long b = 0; b < blocks; b++) {
+        const long long start = b * block, count = n - start < block ? n - start : block;
+        non_finite += mracos_block(wp + start, gradp + start, count, lowp, inv_widthp, inv_scale, &sums[b]);
+    }
     Py_END_ALLOW_THREADS
     return PyLong_FromLongLong(non_finite);
 }
@@ -357,19 +362,33 @@ static int gq_parse_tables(GQTables *t, unsigned long long *a) {
     return 1;
 }
 
-/* gq_forward(*tables, x, n, hard, out, cells): the soft or hard weights and each weight's cell. */
+/* gq_forward(*tables, x, n, hard, out, cells, block): the soft or hard weights and each weight's cell, blocks of
+ * `block` weights (a multiple of GQ_TILE) on OpenMP's threads. */
 static PyObject *gq_forward(PyObject *self, PyObject *args) {
     GQTables t;
     unsigned long long a[6], x, out, cells;
-    long long n;
+    long long n, block;
     int hard;
-    if (!PyArg_ParseTuple(args, GQ_TABLE_FORMAT "KLpKK", &a[0], &t.num_levels, &t.width, &t.beta, &t.low,
+    if (!PyArg_ParseTuple(args, GQ_TABLE_FORMAT "KLpKKL", &a[0], &t.num_levels, &t.width, &t.beta, &t.low,
                           &t.inv_width, &t.bins, &t.passes, &a[1], &a[2], &a[3], &a[4], &a[5], &x, &n, &hard, &out,
-                          &cells))
+                          &cells, &block))
         return NULL;
     if (!gq_parse_tables(&t, a)) return NULL;
+    if (n < 0 || block < 1 || block % GQ_TILE) {
+        PyErr_Format(PyExc_ValueError, "gq_forward: need n >= 0 and block a multiple of %d, got n=%lld, block=%lld",
+                     GQ_TILE, n, block);
+        return NULL;
+    }
+    const float *xp = (const float *)(uintptr_t)x;
+    float *outp = (float *)(uintptr_t)out;
+    uint8_t *cellsp = (uint8_t *)(uintptr_t)cells;
+    const long long blocks = (n + block - 1) / block;
     Py_BEGIN_ALLOW_THREADS
-    gq_forward_all(&t, (const float *)(uintptr_t)x, n, hard, (float *)(uintptr_t)out, (uint8_t *)(uintptr_t)cells);
+#pragma omp parallel for schedule(static)
+    for (long long b = 0; b < blocks; b++) {
+        const long long start = b * block, count = n - start < block ? n - start : block;
+        gq_forward_all(&t, xp + start, count, hard, outp + start, cellsp + start);
+    }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -391,25 +410,36 @@ static PyObject *gq_backward(PyObject *self, PyObject *args) {
         return NULL;
     }
     const int64_t size = (int64_t)t.width * (t.num_levels - 1);
-    double *copies = malloc((size_t)(GQ_COPIES * size) * sizeof(double));
-    if (!copies) return PyErr_NoMemory();
+    const long long blocks = (n + block - 1) / block;
+    int out_of_memory = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (int64_t start = 0; start < n; start += block) {
-        const int64_t count = n - start < block ? n - start : block, b = start / block;
-        memset(copies, 0, (size_t)(GQ_COPIES * size) * sizeof(double));
-        float *grad_w_block = grad_w ? (float *)(uintptr_t)grad_w + start : NULL;
-        ((double *)(uintptr_t)beta_partials)[b] =
-            gq_backward_all(&t, (const float *)(uintptr_t)x + start, (const float *)(uintptr_t)g + start,
-                            (const uint8_t *)(uintptr_t)cells + start, count, grad_w_block, copies);
-        double *partial = (double *)(uintptr_t)partials + b * size;
-        for (int64_t k = 0; k < size; k++) {
-            double sum = 0.0;
-            for (int copy = 0; copy < GQ_COPIES; copy++) sum += copies[copy * size + k];
-            partial[k] = sum;
+#pragma omp parallel
+    {
+        double *copies = malloc((size_t)(GQ_COPIES * size) * sizeof(double)); /* this thread's scratch */
+        if (!copies) {
+#pragma omp atomic write
+            out_of_memory = 1;
         }
+#pragma omp for schedule(static)
+        for (long long b = 0; b < blocks; b++) {
+            if (!copies) continue;
+            const long long start = b * block, count = n - start < block ? n - start : block;
+            memset(copies, 0, (size_t)(GQ_COPIES * size) * sizeof(double));
+            float *grad_w_block = grad_w ? (float *)(uintptr_t)grad_w + start : NULL;
+            ((double *)(uintptr_t)beta_partials)[b] =
+                gq_backward_all(&t, (const float *)(uintptr_t)x + start, (const float *)(uintptr_t)g + start,
+                                (const uint8_t *)(uintptr_t)cells + start, count, grad_w_block, copies);
+            double *partial = (double *)(uintptr_t)partials + b * size;
+            for (int64_t k = 0; k < size; k++) {
+                double sum = 0.0;
+                for (int copy = 0; copy < GQ_COPIES; copy++) sum += copies[copy * size + k];
+                partial[k] = sum;
+            }
+        }
+        free(copies);
     }
     Py_END_ALLOW_THREADS
-    free(copies);
+    if (out_of_memory) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 

@@ -1,10 +1,13 @@
 """The fused CPU kernels of the MRACos regularizer and of GQ (``sub8.quant._kernels``, compiled from
 ``_kernels.c`` by ``pip install -e .``).
 
-They run in the calling thread. A pool of threads over blocks of weights was measured and dropped: at 2 threads on
-this 2-vCPU machine it made GQ's hard-phase step 1.44× the fp32 step instead of 1.30× (rnnt_small; rnnt_large 1.50
-against 1.35), as PyTorch's OpenMP threads spin-wait on the cores right after each op. Sums still run per block of
-:data:`BLOCK` weights in doubles, then over the blocks in order (the study's runs were trained with this order).
+They run on PyTorch's own OpenMP threads, ``torch.get_num_threads()`` of them: the extension links
+``libgomp.so.1``, which resolves to the copy PyTorch has loaded (this module imports torch first), so both share one
+thread pool. A pool of Python threads was tried first and dropped: at 2 threads on this 2-vCPU machine it made GQ's
+hard-phase step 1.44× the fp32 step instead of 1.30× with no threads at all (rnnt_small; rnnt_large 1.50 against
+1.35), as PyTorch's OpenMP threads spin-wait on the cores right after each op; on the shared pool it is 1.33 and
+1.31 (``benchmarks/qat_step.py --threads 2``). Work goes out in blocks of :data:`BLOCK` weights and every sum is
+taken per block, in doubles, then over the blocks in order: the same bits at any thread count.
 
 Tensors are passed as addresses: every tensor here is contiguous float32 on the CPU (:func:`usable` checks what a
 caller hands in), and each stays referenced by the caller while a kernel runs.
@@ -24,7 +27,7 @@ try:
 except ImportError:
     _kernels = None
 
-BLOCK = 1 << 16
+BLOCK = 1 << 16  # a multiple of both kernels' tiles (1024 and 256 weights)
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -60,7 +63,7 @@ def gq_forward(tables: tuple, x: torch.Tensor, hard: bool) -> tuple[torch.Tensor
     C source's GQTables arguments (sub8.quant.gq._kernel_tables). A non-finite weight stays non-finite."""
     out = torch.empty_like(x)
     cells = torch.empty(x.shape, dtype=torch.uint8)
-    _kernels.gq_forward(*tables, x.data_ptr(), x.numel(), hard, out.data_ptr(), cells.data_ptr())
+    _kernels.gq_forward(*tables, x.data_ptr(), x.numel(), hard, out.data_ptr(), cells.data_ptr(), BLOCK)
     return out, cells
 
 
