@@ -12,7 +12,8 @@ setup: system-packages $(STAMP)
 system-packages:
 	@bash scripts/install_system_packages.sh $(PYTHON)
 
-# Re-installs (and rebuilds the C kernel) only when pyproject.toml, setup.py or the kernel changes. torch/torchaudio come from the local wheel store when present.
+# Re-installs (and rebuilds the C kernels) only when pyproject.toml, setup.py or _kernels.c changes.
+# torch/torchaudio come from the local wheel store when present.
 $(STAMP): pyproject.toml setup.py lib/sub8/quant/_kernels.c
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "sub8 needs Python 3.11, found " + sys.version.split()[0])'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

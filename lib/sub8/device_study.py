@@ -149,8 +149,9 @@ def select_runs(
 
     A ``*`` plan expands to every finished run ``<model>-<method>-<label>`` on disk, sorted by label (none: nothing,
     not an error), but for the variants of another (:func:`sub8.qat.variant_of`: ablations of a run's training
-    options, like notebook 04's ``5b-hard_start``; the device study is about the methods' plans). An absent run of an optional method is skipped; any other absent run is an error that names it,
-    since the notebook that makes it (03, 04, 05) has to run first."""
+    options, like notebook 04's ``5b-hard_start``; the device study is about the methods' plans). An absent run of
+    an optional method is skipped; any other absent run is an error that names it, since the notebook that makes it
+    (03, 04, 05) has to run first."""
     chosen, skipped, missing = [], [], []
     for spec in specs:
         if spec.plan == "*":

@@ -331,9 +331,12 @@ def variant_of(profile: Profile, name: str, others: Iterable[str]) -> str | None
         spec = json.loads(path.read_text())
         return spec.get("base"), spec.get("method"), spec.get("plan")
 
+    own = recorded(name)
+    if own is None:
+        return None
     for other in others:
         suffix = name[len(other) + 1 :] if name.startswith(f"{other}-") else ""
-        if re.fullmatch(r"[A-Za-z0-9_]+", suffix) and recorded(name) is not None and recorded(name) == recorded(other):
+        if re.fullmatch(r"[A-Za-z0-9_]+", suffix) and recorded(other) == own:
             return other
     return None
 

@@ -17,7 +17,7 @@
  * short Taylor polynomials are exact to float precision (remainder < 2e-9) and, unlike 1 − cos(πd) in float, keep
  * R's relative precision near a level.
  *
- * R is summed per block of `block` weights into a double, one per block; the caller adds the blocks in order.
+ * R is summed per block of `block` weights into a double, one per block, then over the blocks in order.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -93,13 +93,14 @@ static int64_t mracos_block(const float *restrict w, float *restrict grad, int64
     return non_finite;
 }
 
-/* mracos(w, grad, n, low, inv_width, inv_scale, block_sums, block) -> non-finite weights; addresses as ints. */
+/* mracos(w, grad, n, low, inv_width, inv_scale, block) -> (Σ R, non-finite weights): dR/dw into grad; R summed per
+ * block of `block` weights on OpenMP's threads, then over the blocks in order (the same bits at any thread count);
+ * addresses as ints. */
 static PyObject *mracos(PyObject *self, PyObject *args) {
-    unsigned long long w, grad, low, inv_width, block_sums;
-    long long n, block, non_finite;
+    unsigned long long w, grad, low, inv_width;
+    long long n, block, non_finite = 0;
     float inv_scale;
-    if (!PyArg_ParseTuple(args, "KKLKKfKL", &w, &grad, &n, &low, &inv_width, &inv_scale, &block_sums, &block))
-        return NULL;
+    if (!PyArg_ParseTuple(args, "KKLKKfL", &w, &grad, &n, &low, &inv_width, &inv_scale, &block)) return NULL;
     if (n < 0 || block < 1) {
         PyErr_Format(PyExc_ValueError, "mracos: need n >= 0 and block >= 1, got n=%lld, block=%lld", n, block);
         return NULL;
@@ -107,17 +108,20 @@ static PyObject *mracos(PyObject *self, PyObject *args) {
     const float *wp = (const float *)(uintptr_t)w, *lowp = (const float *)(uintptr_t)low;
     const float *inv_widthp = (const float *)(uintptr_t)inv_width;
     float *gradp = (float *)(uintptr_t)grad;
-    double *sums = (double *)(uintptr_t)block_sums;
     const long long blocks = (n + block - 1) / block;
-    non_finite = 0;
+    double *sums = malloc((size_t)(blocks > 0 ? blocks : 1) * sizeof(double));
+    if (!sums) return PyErr_NoMemory();
+    double total = 0.0;
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel for schedule(static) reduction(+ : non_finite)
     for (long long b = 0; b < blocks; b++) {
         const long long start = b * block, count = n - start < block ? n - start : block;
         non_finite += mracos_block(wp + start, gradp + start, count, lowp, inv_widthp, inv_scale, &sums[b]);
     }
+    for (long long b = 0; b < blocks; b++) total += sums[b];
     Py_END_ALLOW_THREADS
-    return PyLong_FromLongLong(non_finite);
+    free(sums);
+    return Py_BuildValue("dL", total, non_finite);
 }
 
 /* ---- GQ ----
@@ -393,16 +397,16 @@ static PyObject *gq_forward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* gq_backward(*tables, x, grad_out, cells, n, grad_w or 0, block, partials, beta_partials): per block of `block`
- * weights, its level gradients into partials[b] ((width, K − 1) doubles) and its ∂L/∂β into beta_partials[b]; the
- * caller adds the blocks in order (fold). */
+/* gq_backward(*tables, x, grad_out, cells, n, grad_w or 0, block, per_cell) -> ∂L/∂β: fills grad_w and adds the
+ * level gradients to per_cell ((width, K − 1) float32). Per block of `block` weights on OpenMP's threads, its level
+ * gradients and ∂L/∂β in doubles; then the blocks are added in order (the same bits at any thread count). */
 static PyObject *gq_backward(PyObject *self, PyObject *args) {
     GQTables t;
-    unsigned long long a[6], x, g, cells, grad_w, partials, beta_partials;
+    unsigned long long a[6], x, g, cells, grad_w, per_cell;
     long long n, block;
-    if (!PyArg_ParseTuple(args, GQ_TABLE_FORMAT "KKKLKLKK", &a[0], &t.num_levels, &t.width, &t.beta, &t.low,
+    if (!PyArg_ParseTuple(args, GQ_TABLE_FORMAT "KKKLKLK", &a[0], &t.num_levels, &t.width, &t.beta, &t.low,
                           &t.inv_width, &t.bins, &t.passes, &a[1], &a[2], &a[3], &a[4], &a[5], &x, &g, &cells, &n,
-                          &grad_w, &block, &partials, &beta_partials))
+                          &grad_w, &block, &per_cell))
         return NULL;
     if (!gq_parse_tables(&t, a)) return NULL;
     if (n < 0 || block < 1) {
@@ -411,7 +415,11 @@ static PyObject *gq_backward(PyObject *self, PyObject *args) {
     }
     const int64_t size = (int64_t)t.width * (t.num_levels - 1);
     const long long blocks = (n + block - 1) / block;
+    double *partials = malloc((size_t)((blocks > 0 ? blocks : 1) * (size + 1)) * sizeof(double));
+    if (!partials) return PyErr_NoMemory();
+    double *beta_partials = partials + blocks * size;
     int out_of_memory = 0;
+    double grad_beta = 0.0;
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel
     {
@@ -426,10 +434,10 @@ static PyObject *gq_backward(PyObject *self, PyObject *args) {
             const long long start = b * block, count = n - start < block ? n - start : block;
             memset(copies, 0, (size_t)(GQ_COPIES * size) * sizeof(double));
             float *grad_w_block = grad_w ? (float *)(uintptr_t)grad_w + start : NULL;
-            ((double *)(uintptr_t)beta_partials)[b] =
+            beta_partials[b] =
                 gq_backward_all(&t, (const float *)(uintptr_t)x + start, (const float *)(uintptr_t)g + start,
                                 (const uint8_t *)(uintptr_t)cells + start, count, grad_w_block, copies);
-            double *partial = (double *)(uintptr_t)partials + b * size;
+            double *partial = partials + b * size;
             for (int64_t k = 0; k < size; k++) {
                 double sum = 0.0;
                 for (int copy = 0; copy < GQ_COPIES; copy++) sum += copies[copy * size + k];
@@ -438,32 +446,25 @@ static PyObject *gq_backward(PyObject *self, PyObject *args) {
         }
         free(copies);
     }
-    Py_END_ALLOW_THREADS
-    if (out_of_memory) return PyErr_NoMemory();
-    Py_RETURN_NONE;
-}
-
-/* fold(partials, count, size, table): table[k] += Σ_b partials[b][k] (doubles, summed in block order; table is
- * float32). */
-static PyObject *fold(PyObject *self, PyObject *args) {
-    unsigned long long partials, table;
-    long long count, size;
-    if (!PyArg_ParseTuple(args, "KLLK", &partials, &count, &size, &table)) return NULL;
-    const double *p = (const double *)(uintptr_t)partials;
-    float *out = (float *)(uintptr_t)table;
-    for (long long k = 0; k < size; k++) {
-        double sum = 0.0;
-        for (long long b = 0; b < count; b++) sum += p[b * size + k];
-        out[k] += (float)sum;
+    if (!out_of_memory) {
+        float *table = (float *)(uintptr_t)per_cell;
+        for (int64_t k = 0; k < size; k++) {
+            double sum = 0.0;
+            for (long long b = 0; b < blocks; b++) sum += partials[b * size + k];
+            table[k] += (float)sum;
+        }
+        for (long long b = 0; b < blocks; b++) grad_beta += beta_partials[b];
     }
-    Py_RETURN_NONE;
+    Py_END_ALLOW_THREADS
+    free(partials);
+    if (out_of_memory) return PyErr_NoMemory();
+    return PyFloat_FromDouble(grad_beta);
 }
 
 static PyMethodDef methods[] = {
     {"mracos", mracos, METH_VARARGS, "MRACos: R per block and dR/dw of contiguous float32 weights (see the source)."},
     {"gq_forward", gq_forward, METH_VARARGS, "GQ's soft or hard weights and each weight's cell (see the source)."},
     {"gq_backward", gq_backward, METH_VARARGS, "GQ's gradients to the weights, levels and sharpness (the source)."},
-    {"fold", fold, METH_VARARGS, "Adds per-block partial sums (doubles) to a float32 table."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -50,12 +50,10 @@ def mracos(
     """dR/dw and Σ R of 1-D ``w`` (sub8.quant.mracos) on the int8 grid of step 1 / ``inv_scale``, cells from the
     256-entry grid tables ``low`` and ``inv_width``; Σ R is NaN if any weight is not finite."""
     grad = torch.empty_like(w)
-    block_sums = torch.empty(-(-w.numel() // BLOCK), dtype=torch.float64)
-    non_finite = _kernels.mracos(
-        w.data_ptr(), grad.data_ptr(), w.numel(), low.data_ptr(), inv_width.data_ptr(), inv_scale,
-        block_sums.data_ptr(), BLOCK,
-    )  # fmt: skip
-    return grad, float("nan") if non_finite else sum(block_sums.tolist())
+    total, non_finite = _kernels.mracos(
+        w.data_ptr(), grad.data_ptr(), w.numel(), low.data_ptr(), inv_width.data_ptr(), inv_scale, BLOCK
+    )
+    return grad, float("nan") if non_finite else total
 
 
 def gq_forward(tables: tuple, x: torch.Tensor, hard: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,12 +71,7 @@ def gq_backward(
 ) -> float:
     """GQ's backward over 1-D ``x``: fills ``grad_w`` (unless None), adds the level gradients per (window
     position, cell) to ``per_cell`` (float32, (width, K − 1)); returns ∂L/∂β."""
-    blocks = -(-x.numel() // BLOCK)
-    partials = torch.empty((blocks, per_cell.numel()), dtype=torch.float64)
-    beta_partials = torch.empty(blocks, dtype=torch.float64)
-    _kernels.gq_backward(
+    return _kernels.gq_backward(
         *tables, x.data_ptr(), grad_out.data_ptr(), cells.data_ptr(), x.numel(),
-        0 if grad_w is None else grad_w.data_ptr(), BLOCK, partials.data_ptr(), beta_partials.data_ptr(),
+        0 if grad_w is None else grad_w.data_ptr(), BLOCK, per_cell.data_ptr(),
     )  # fmt: skip
-    _kernels.fold(partials.data_ptr(), blocks, per_cell.numel(), per_cell.data_ptr())
-    return sum(beta_partials.tolist())
